@@ -264,11 +264,16 @@ class _Doc:
         self.problems.append(Problem(self.file, line or self.line(path), fmt_path(path), message))
 
 
-class _SafeConstructor(yaml.SafeLoader):
-    pass
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, plus YAML 1.2 exponent floats: PyYAML reads 2.5e9 as a string."""
 
 
-_SAFE = _SafeConstructor("")
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+_SAFE = _Loader("")
 
 
 def fmt_path(path: tuple) -> str:
@@ -513,7 +518,7 @@ def parse(text: str, file: str = "<network>") -> Network:
     """Parse and check a network file's text. Raises NetworkFileError."""
     doc = _Doc(file)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -556,8 +561,7 @@ def parse(text: str, file: str = "<network>") -> Network:
         if name is None:
             continue
         _unique(doc, node_seen, name, p + ("name",), "node name")
-        qkdn_id = (qkdn_id or derived_uuid(net_name, "node", name)).lower()
-        _unique(doc, ids_seen, qkdn_id, p + ("id",), "id")
+        qkdn_id = _object_id(doc, ids_seen, qkdn_id, net_name, "node", name, p + ("id",))
         _unique(doc, addr_seen, addr, p + ("km_address",), "key-manager address")
         host, port = split_hostport(addr)
         nodes.append(Node(name=name, qkdn_id=qkdn_id, km_host=host, km_port=port, location=location))
@@ -609,8 +613,7 @@ def parse(text: str, file: str = "<network>") -> Network:
         pairs[pair] = p
         name = name or f"{ends[0]}-{ends[1]}"
         _unique(doc, link_names, name, p + ("name",), "link name")
-        qkdl_id = (qkdl_id or derived_uuid(net_name, "link", name)).lower()
-        _unique(doc, ids_seen, qkdl_id, p + ("id",), "id")
+        qkdl_id = _object_id(doc, ids_seen, qkdl_id, net_name, "link", name, p + ("id",))
         if length is None or not s.ok:
             continue
         links.append(Link(name=name, qkdl_id=qkdl_id, master=ends[0], slave=ends[1], length_km=length,
@@ -655,8 +658,7 @@ def parse(text: str, file: str = "<network>") -> Network:
         if sae_id is None:
             continue
         _unique(doc, sae_seen, sae_id, p + ("sae_id",), "SAE ID")
-        app_id = (app_id or derived_uuid(net_name, "application", sae_id)).lower()
-        _unique(doc, ids_seen, app_id, p + ("id",), "id")
+        app_id = _object_id(doc, ids_seen, app_id, net_name, "application", sae_id, p + ("id",))
         if s.ok and node and user:
             apps.append(Application(sae_id=sae_id, node=node, user=user, app_id=app_id, priority=priority,
                                     cert_sha256=cert.lower().replace(":", "") if cert else None))
@@ -704,6 +706,17 @@ def _unique(doc: _Doc, seen: dict[str, tuple], value: str, path: tuple, what: st
         doc.error(path, f"duplicate {what} '{value}' (first used at {fmt_path(first)}, line {doc.line(first)})")
     else:
         seen[value] = path
+
+
+def _object_id(doc: _Doc, seen: dict[str, tuple], given: str | None, network: str, kind: str, name: str,
+               path: tuple) -> str:
+    """The file's id for an object, else one derived from its name; ids the file gives must be unique."""
+    if given is None:
+        derived = derived_uuid(network, kind, name)
+        seen.setdefault(derived, path)
+        return derived
+    _unique(doc, seen, given.lower(), path, "id")
+    return given.lower()
 
 
 def load(path: str | Path) -> Network:

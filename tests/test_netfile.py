@@ -1,0 +1,218 @@
+"""The network file: every invalid input is refused with its file, line and key."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from db.netfile import NetworkFileError, derived_uuid, load, parse
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+BASE = """\
+network:
+  name: t
+nodes:
+  - name: A
+  - name: B
+  - name: C
+links:
+  - {ends: [A, B], length_km: 10}
+  - {ends: [B, C], length_km: 20}
+users:
+  - name: u
+    sla: {max_priority: 5, max_bps: 1000, max_sessions: 2, bucket_bits: 4096}
+applications:
+  - {sae_id: SAE-A, node: A, user: u}
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(NetworkFileError) as info:
+        parse(textwrap.dedent(text), "net.yaml")
+    return [str(p) for p in info.value.problems]
+
+
+def one(text: str) -> str:
+    found = problems(text)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_examples_parse():
+    names = {p.name for p in EXAMPLES.glob("*.yaml")}
+    assert {"paper-poc.yaml", "linear-5.yaml", "metro-24.yaml"} <= names
+    poc = load(EXAMPLES / "paper-poc.yaml")
+    assert [n.name for n in poc.nodes] == [f"KM{i}" for i in range(6)]
+    pairs = {frozenset(link.ends) for link in poc.links}
+    assert pairs == {frozenset(("KM0", f"KM{i}")) for i in range(1, 6)} | {frozenset(("KM4", "KM5"))}
+    assert {a.node for a in poc.applications} == {n.name for n in poc.nodes}
+    linear = load(EXAMPLES / "linear-5.yaml")
+    assert len(linear.nodes) == 6 and len(linear.links) == 5
+    metro = load(EXAMPLES / "metro-24.yaml")
+    assert len(metro.nodes) >= 20
+    assert all(10 <= link.length_km <= 80 and link.device is not None for link in metro.links)
+    assert min(link.length_km for link in metro.links) == 10 and max(link.length_km for link in metro.links) == 80
+
+
+def test_derived_ids_are_stable_and_distinct():
+    net = parse(BASE, "net.yaml")
+    assert net.node("A").qkdn_id == derived_uuid("t", "node", "A")
+    assert len({n.qkdn_id for n in net.nodes} | {link.qkdl_id for link in net.links}) == 5
+    assert net.links[0].name == "A-B"
+    assert net.interface_id("B", "A-B") == 1 and net.interface_id("B", "B-C") == 2
+
+
+def test_exponent_floats_are_numbers():
+    net = parse(BASE.replace("{ends: [A, B], length_km: 10}",
+                             "{ends: [A, B], length_km: 10, device: {clock_rate_hz: 2.5e9}}"), "net.yaml")
+    assert net.links[0].device.clock_rate_hz == 2.5e9
+
+
+def test_malformed_yaml():
+    msg = one("network:\n  name: t\nnodes: [\n  - name: A\n")
+    assert msg.startswith("net.yaml:") and "malformed YAML" in msg
+
+
+def test_malformed_yaml_line_points_at_problem():
+    msg = one("network:\n  name: t\nnodes:\n  - name: A\n   bad: indent\n")
+    assert msg.startswith("net.yaml:5:") and "malformed YAML" in msg
+
+
+def test_empty_file():
+    assert one("") == "net.yaml:1: the file is empty"
+
+
+def test_unknown_top_level_key():
+    msg = one(BASE + "topology: {}\n")
+    assert msg.startswith("net.yaml:15: topology: unknown key 'topology' in network file")
+
+
+def test_unknown_key_in_link():
+    msg = one(BASE.replace("{ends: [B, C], length_km: 20}", "{ends: [B, C], length_km: 20, lenght: 3}"))
+    assert msg.startswith("net.yaml:9: links[1].lenght: unknown key 'lenght' in link")
+
+
+def test_unknown_key_in_device():
+    msg = one(BASE.replace("{ends: [A, B], length_km: 10}", "{ends: [A, B], length_km: 10, device: {eta: 1}}"))
+    assert msg.startswith("net.yaml:8: links[0].device.eta: unknown key 'eta' in device")
+
+
+def test_wrong_type():
+    msg = one(BASE.replace("length_km: 20", "length_km: twenty"))
+    assert msg == "net.yaml:9: links[1].length_km: expected number, got string 'twenty'"
+
+
+def test_boolean_is_not_an_integer():
+    msg = one(BASE.replace("max_sessions: 2", "max_sessions: true"))
+    assert msg == "net.yaml:12: users[0].sla.max_sessions: expected integer, got boolean True"
+
+
+def test_nodes_not_a_list():
+    msg = one("network: {name: t}\nnodes: {A: 1}\n")
+    assert msg == "net.yaml:2: nodes: expected a list, got mapping"
+
+
+def test_missing_required_field():
+    msg = one(BASE.replace("  - {ends: [B, C], length_km: 20}\n", "  - {ends: [B, C]}\n"))
+    assert msg == "net.yaml:9: links[1]: missing required key 'length_km'"
+
+
+def test_missing_network_name():
+    msg = one(BASE.replace("  name: t\n", "  description: x\n", 1))
+    assert msg == "net.yaml:1: network: missing required key 'name'"
+
+
+def test_missing_nodes():
+    assert one("network: {name: t}\n") == "net.yaml:1: missing required key 'nodes'"
+
+
+def test_duplicate_node_name():
+    msg = one(BASE.replace("  - name: C\n", "  - name: A\n").replace("[B, C]", "[B, A]").replace(
+        "  - {ends: [B, A], length_km: 20}\n", ""))
+    assert msg == "net.yaml:6: nodes[2].name: duplicate node name 'A' (first used at nodes[0].name, line 4)"
+
+
+def test_duplicate_id():
+    same = "0b8b6a3e-7d43-4c89-9f0a-6c1f7e1d2a11"
+    msg = one(BASE.replace("  - name: A\n", f"  - name: A\n    id: {same}\n").replace(
+        "  - name: B\n", f"  - name: B\n    id: {same}\n"))
+    assert msg.startswith("net.yaml:7: nodes[1].id: duplicate id '0b8b6a3e")
+
+
+def test_duplicate_sae_id():
+    msg = one(BASE + "  - {sae_id: SAE-A, node: B, user: u}\n")
+    assert msg.startswith("net.yaml:15: applications[1].sae_id: duplicate SAE ID 'SAE-A'")
+
+
+def test_duplicate_yaml_key():
+    msg = one(BASE.replace("  name: t\n", "  name: t\n  name: u\n", 1))
+    assert msg == "net.yaml:3: network.name: duplicate key"
+
+
+def test_link_to_unknown_node():
+    msg = one(BASE.replace("[B, C]", "[B, Z]"))
+    assert msg == "net.yaml:9: links[1].ends[1]: unknown node 'Z'"
+
+
+def test_self_loop():
+    msg = one(BASE.replace("[B, C]", "[B, B]"))
+    assert msg == "net.yaml:9: links[1].ends: self-loop: both ends are 'B'"
+
+
+def test_duplicate_link():
+    msg = one(BASE.replace("[B, C]", "[B, A]"))
+    assert msg == "net.yaml:9: links[1].ends: duplicate link between 'B' and 'A' (already links[0] at line 8)"
+
+
+def test_application_on_unknown_node():
+    msg = one(BASE.replace("node: A", "node: Q"))
+    assert msg == "net.yaml:14: applications[0].node: unknown node 'Q'"
+
+
+def test_application_of_unknown_user():
+    msg = one(BASE.replace("user: u}", "user: nobody}"))
+    assert msg == "net.yaml:14: applications[0].user: unknown user 'nobody'"
+
+
+def test_user_without_sla():
+    msg = problems(BASE.replace(
+        "    sla: {max_priority: 5, max_bps: 1000, max_sessions: 2, bucket_bits: 4096}\n", ""))
+    assert msg[0] == "net.yaml:11: users[0]: user 'u' has no 'sla' (every user needs a service-level agreement)"
+
+
+@pytest.mark.parametrize("old,new,where", [
+    ("max_bps: 1000", "max_bps: 0", "users[0].sla.max_bps: must be greater than 0, got 0"),
+    ("max_bps: 1000", "max_bps: -5", "users[0].sla.max_bps: must be greater than 0, got -5"),
+    ("length_km: 20", "length_km: -1", "links[1].length_km: must be greater than 0, got -1.0"),
+    ("length_km: 10}", "length_km: 10, device: {model: fixed, skr_bps: 0, qber: 0.01}}",
+     "links[0].device.skr_bps: must be greater than 0, got 0.0"),
+    ("length_km: 10}", "length_km: 10, device: {clock_rate_hz: -1.0e9}}",
+     "links[0].device.clock_rate_hz: must be greater than 0, got -1000000000.0"),
+])
+def test_negative_or_zero_rates(old, new, where):
+    msg = one(BASE.replace(old, new, 1))
+    assert msg.startswith("net.yaml:") and msg.split(": ", 1)[1] == where
+
+
+def test_fixed_model_needs_rate_and_qber():
+    found = problems(BASE.replace("length_km: 10}", "length_km: 10, device: {model: fixed}}"))
+    assert found == ["net.yaml:8: links[0].device: missing required key 'skr_bps'",
+                     "net.yaml:8: links[0].device: missing required key 'qber'"]
+
+
+def test_token_in_clear_is_refused():
+    msg = one(BASE.replace("  - name: u\n", "  - name: u\n    token_hash: hunter2\n"))
+    assert "users[0].token_hash" in msg and "never a clear token" in msg and "hunter2" not in msg.split(":", 3)[-1]
+
+
+def test_every_problem_is_reported_at_once():
+    found = problems(BASE.replace("[B, C]", "[B, Z]").replace("node: A", "node: Q"))
+    assert len(found) == 2
+    assert [p.split(":")[1] for p in found] == ["9", "14"]
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(NetworkFileError, match="cannot read"):
+        load(tmp_path / "missing.yaml")
