@@ -74,7 +74,7 @@ def load_network(session: Session, network: Network, *, replace: bool = False) -
         for node_name, role in ((link.master, "TRANSMITTER"), (link.slave, "RECEIVER")):
             iface = m.Interface(node=nodes[node_name], qkdi_id=network.interface_id(node_name, link.name),
                                 model="qkdsdn-twin" if link.device else "etsi014-kme", qkd_type="DV-QKD",
-                                att_device=node_name, att_port=link.name, role=role,
+                                att_device=node_name, att_port=str(network.interface_id(node_name, link.name)), role=role,
                                 wavelength_nm=link.wavelength_nm, status="ENABLED")
             ifaces.append(iface)
         session.add_all(ifaces)

@@ -13,7 +13,7 @@ from db.bootstrap import BootstrapError, load_network
 from db.database import current_revision, head_revision, make_engine, session_factory, upgrade
 from db.netfile import load, parse
 from qkdsdn.cli import main
-from tests.dbutil import db_url  # noqa: F401  (fixture)
+from dbutil import db_url  # noqa: F401  (fixture)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ALL_EXAMPLES = sorted(EXAMPLES.glob("*.yaml"))
