@@ -22,17 +22,37 @@ IDENT = "test.sae_id"  # environ key our test identify() reads, standing in for 
 # ----------------------------------------------------------------------------- spec checking
 
 
+SPEC_MISSING = f"ETSI 014 OpenAPI transcription not found at {SPEC} (shared/etsi is absent)"
+
+
 @pytest.fixture(scope="module")
 def spec():
-    if not SPEC.is_file():
-        pytest.skip(f"ETSI 014 OpenAPI transcription not found at {SPEC} (shared/etsi is absent)")
-    return yaml.safe_load(SPEC.read_text(encoding="utf-8"))
+    # Without the spec the behaviour tests still run; only the schema checks are left out
+    # (test_responses_are_checked_against_the_spec reports the skip).
+    return yaml.safe_load(SPEC.read_text(encoding="utf-8")) if SPEC.is_file() else None
 
 
-def check_response(spec: dict, method: str, template: str, resp) -> None:
+def test_responses_are_checked_against_the_spec(spec):
+    if spec is None:
+        pytest.skip(SPEC_MISSING + ": responses are checked for behaviour only")
+    ops = {(path, method) for path, item in spec["paths"].items() for method in item}
+    assert ops == {("/api/v1/keys/{slave_SAE_ID}/status", "get"),
+                   ("/api/v1/keys/{slave_SAE_ID}/enc_keys", "get"),
+                   ("/api/v1/keys/{slave_SAE_ID}/enc_keys", "post"),
+                   ("/api/v1/keys/{master_SAE_ID}/dec_keys", "get"),
+                   ("/api/v1/keys/{master_SAE_ID}/dec_keys", "post")}
+
+
+def check_response(spec: dict | None, method: str, template: str, resp) -> None:
     """The status code is one the spec lists for this operation, and the body fits its schema."""
     import jsonschema
 
+    if resp.status_code == 401:
+        assert resp.get_data() == b"", "401 carries no body (ETSI 014: response data model '-')"
+    elif resp.status_code in (400, 503):
+        assert isinstance(resp.get_json(), dict) and isinstance(resp.get_json().get("message"), str)
+    if spec is None:
+        return
     op = spec["paths"][template][method.lower()]
     code = str(resp.status_code)
     assert code in op["responses"], f"{method} {template}: {code} is not a documented response"

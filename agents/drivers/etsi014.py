@@ -25,7 +25,6 @@ import requests
 
 from agents.drivers.base import (
     BadRequest,
-    DeviceError,
     DeviceKey,
     DeviceStatus,
     DeviceUnreachable,
@@ -249,5 +248,3 @@ def _reason(exc: Exception) -> str:
     text = str(getattr(inner, "reason", None) or inner or exc)
     return text[:300]
 
-
-__all__ = ["ETSI014Device", "DeviceError"]

@@ -80,6 +80,7 @@ def device_for_link_end(network: Network, link: Link | str, node: str, *,
                              "mutual TLS (plain HTTP only in development mode)")
         return ETSI014Device(own.url, peer, timeout=timeout, insecure_dev_sae_id=own.sae_id or node)
     if cert is None or key is None:
-        raise ValueError(f"link {link.name}: no client certificate for {node}: set kme.{'master' if is_master else 'slave'}"
-                         ".cert and .key in the network file, or give the PKI folder")
+        role = "master" if is_master else "slave"
+        raise ValueError(f"link {link.name}: no client certificate for {node}: set kme.{role}.cert and "
+                         f"kme.{role}.key in the network file, or give the PKI folder")
     return ETSI014Device(own.url, peer, cert, key, ca, timeout=timeout)
