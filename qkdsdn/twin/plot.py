@@ -92,11 +92,15 @@ def plot_skr_vs_distance(devices: dict[str, Device] | Network, out_path: str | P
         for link in devices.links:
             if link.device is not None:
                 points.setdefault((link.length_km, performance(link).skr_bps), []).append(link.name)
+        # Names stay readable only for a handful of points; larger networks get markers alone.
+        labelled = len(points) <= 8
         for (length, rate), names in points.items():
             y = rate if rate > 0 else floor  # a link without key sits on the axis
             ax.plot([length], [y], marker="o" if rate > 0 else "v", color="black", ms=5, zorder=5)
-            text = ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else "")
-            ax.annotate(text, (length, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+            if labelled:
+                text = ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else "")
+                ax.annotate(text, (length, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        ax.plot([], [], marker="o", color="black", ls="none", ms=5, label="links of the network")
 
     ax.plot([], [], color="grey", lw=1.0, ls="--", label="PLOB bound (same colour)")
     ax.plot([], [], color="grey", lw=0.8, ls=":", label="cut-off distance")
