@@ -422,11 +422,9 @@ def test_empty_token_cannot_be_hashed():
 
 
 @pytest.fixture
-def cli(monkeypatch):
+def cli():
     from qkdsdn import cli as cli_module
 
-    # Only this module's command: the test must not depend on other subcommands' modules.
-    monkeypatch.setattr(cli_module, "COMMAND_MODULES", ("qkdsdn.commands.pki",))
     return cli_module
 
 
