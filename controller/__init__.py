@@ -1,0 +1,1 @@
+"""Control plane: os-ken app shells over plain decision classes (routing, monitoring, admission, ...)."""
