@@ -50,7 +50,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -580,13 +580,18 @@ class KeyStore:
             db.execute("UPDATE link_keys SET consumed=?, ranges=?, data=? WHERE seq=?",
                        (consumed, _format_ranges(ranges), bytes(buf), seq))
 
-    def consume_refs(self, link: str, refs: Iterable[Any]) -> bytes:
+    def consume_refs(self, link: str, refs: Iterable[Any],
+                     verify: Callable[[bytes], Any] | None = None) -> bytes:
         """Consume exactly the referenced bytes of keys the *other* end owns; returns them concatenated.
 
         ``refs``: KeyRef, ``{"key_ID", "offset", "length"}`` or triples. All or
         nothing: KeyRefError, consuming nothing, if any reference is malformed,
         unknown, names a key this end owns, a key not yet available, bytes
         outside the key, or bytes already consumed (module docstring: the rule).
+        ``verify(data)`` runs inside the transaction before anything is written:
+        if it raises (a relay message whose tag does not verify), nothing is
+        consumed and the exception propagates — so a forged message cannot burn
+        the sender's key.
         """
         parsed = [KeyRef.parse(r) for r in refs]
         if not parsed:
@@ -627,6 +632,8 @@ class KeyStore:
                 out += entry[3][a:b]
                 entry[3][a:b] = bytes(b - a)
                 entry[2] = _add_range(entry[2], a, b)
+            if verify is not None:
+                verify(bytes(out))
             for seq, size, ranges, buf in keys.values():
                 self._write_key(db, seq, size, ranges, buf)
             return bytes(out)

@@ -454,3 +454,24 @@ def test_replay_window_is_bounded_per_link(tmp_path):
             count = raw.execute("SELECT COUNT(*) FROM relay_messages").fetchone()[0]
         assert count <= 32 + 32 // 16
         assert store.remember_message(LINK, "m199", 300.0) is False  # the newest are kept
+
+
+def test_failed_verification_consumes_nothing(tmp_path):
+    keys = key_batch(4)
+    master, slave = pair(tmp_path, keys)
+    with master, slave:
+        sent = master.take(LINK, "master", 8 * 48)
+        refs = [s.ref for s in sent]
+        before = slave.stats()[LINK]
+
+        def reject(data):
+            assert data == b"".join(s.data for s in sent)
+            raise ValueError("tag does not verify")
+
+        with pytest.raises(ValueError, match="tag does not verify"):
+            slave.consume_refs(LINK, refs, verify=reject)
+        assert slave.stats()[LINK] == before
+        # The honest message that follows still finds its bytes.
+        seen = []
+        assert slave.consume_refs(LINK, refs, verify=seen.append) == b"".join(s.data for s in sent)
+        assert len(seen) == 1
