@@ -103,7 +103,8 @@ class RestconfClient:
         self.node_url = f"{base_url.rstrip('/')}{data_root.rstrip('/')}/{NODE_MODULE}:qkd_node"
         self.timeout = timeout
         self._cert = cert
-        self._verify: str | bool = ca if ca is not None else True
+        # A caller's session keeps its own trust settings unless ``ca`` is given.
+        self._verify: str | bool | None = ca if ca is not None else (None if session is not None else True)
         self._auth = (username, password) if username is not None else None
         self._headers = {"Accept": MEDIA_TYPE}
         if token is not None:

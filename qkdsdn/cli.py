@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "qkdsdn.commands.topology",
     "qkdsdn.commands.pki",
     "qkdsdn.commands.twin",
+    "qkdsdn.commands.agent",
 )
 
 DESCRIPTION = """\

@@ -1,0 +1,477 @@
+"""The agent's HTTP surface for applications (ETSI 014, ETSI 004) and for peer key managers (relay).
+
+ETSI GS QKD 014 follows the spec's paths, schemas and error messages. ETSI GS
+QKD 004 is an abstract interface; its JSON-over-HTTPS mapping is documented in
+docs/etsi004-mapping.md. The relay channel's messages are in docs/relay.md and
+docs/key-management.md.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import requests
+from flask import Flask, Response, request
+
+from agents import relay
+from agents.control import AdmissionRequest, LocalControlPlane
+from agents.core.keymanager import DeliverKey, Reject, Reply, Wait, key_id_for, metadata_json
+from agents.core.session import QoS, Status
+from agents.keystore import AlreadyDelivered, InsufficientKey, KeyRefError, SessionKeyConflict
+from agents.linkkeys import LinkKeyProtocolError
+
+if TYPE_CHECKING:
+    from agents.service import KeyManagerAgent
+
+log = logging.getLogger("qkdsdn.agent.api")
+
+# ETSI GS QKD 014 fixed 400 messages.
+SIZE_NOT_MULTIPLE_OF_8 = "size shall be a multiple of 8"
+EXT_MANDATORY_UNSUPPORTED = "not all extension_mandatory parameters are supported"
+KEYS_NOT_FOUND = "one or more keys specified are not found on KME"
+DEFAULT_KEY_SIZE = 256
+MIN_KEY_SIZE, MAX_KEY_SIZE = 64, 8192
+ANSWER_TIMEOUT_S = 60.0
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, mimetype="application/json")
+
+
+def _error(status: int, message: str, details: list | None = None) -> Response:
+    if status == 401:
+        return Response(status=401)  # ETSI 014: 401 carries no body
+    body: dict[str, Any] = {"message": message}
+    if details:
+        body["details"] = details
+    return _json(body, status)
+
+
+def _body() -> dict | None:
+    if not request.data:
+        return {}
+    try:
+        raw = json.loads(request.data)
+    except ValueError:
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def _deadline(decision: Any, now: float) -> float:
+    for action in decision.actions:
+        if isinstance(action, Wait) and action.call_id == decision.call_id:
+            return max(action.deadline - now, 0.0)
+    return ANSWER_TIMEOUT_S
+
+
+def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
+    def sae_caller() -> str | None:
+        who = km.caller(request.environ)
+        if who is None or who.kind != "sae":
+            return None
+        if who.fingerprint:
+            km._fingerprints[who.name] = who.fingerprint
+        return who.name
+
+    def read_keys(answer: DeliverKey, side: str) -> list[tuple[int, bytes]] | Response:
+        out = []
+        for index in answer.indices:
+            try:
+                data = km.store.get_session_key(answer.ksid, index, side)
+            except AlreadyDelivered:
+                return _error(409, f"key index {index} of this Key_stream_ID was already delivered")
+            if data is None:
+                return _error(503, "key not available")
+            out.append((index, data))
+            km.node_state.record_consumption(answer.ksid, 8 * len(data)) if _known_app(answer.ksid) else None
+        return out
+
+    def _known_app(ksid: str) -> bool:
+        try:
+            km.node_state.application(ksid)
+            return True
+        except KeyError:
+            return False
+
+    # ---------------------------------------------------------------- ETSI GS QKD 014
+
+    def local_app(sae: str) -> bool:
+        a = km._apps.get(sae)
+        return a is not None and a.node == km.name
+
+    @app.get("/api/v1/keys/<slave>/status")
+    def status(slave: str) -> Response:
+        master = sae_caller()
+        if master is None or not local_app(master):
+            return _error(401, "")
+        target = km._apps.get(slave)
+        if target is None or slave == master:
+            return _error(400, f"unknown slave SAE '{slave}'")
+        route = km.control.route(km.name, target.node) if isinstance(km.control, LocalControlPlane) else None
+        first = km._links.get(route[1]) if route and len(route) > 1 else None
+        needed = relay.link_key_bits_needed(DEFAULT_KEY_SIZE)
+        stored = max_count = 0
+        if first is not None:
+            role = "master" if first.master == km.name else "slave"
+            stored = km.store.available_bits(first.qkdl_id, role) // needed
+            max_count = km.store.pool_max_bits // 2 // needed
+        return _json({
+            "source_KME_ID": km.name, "target_KME_ID": target.node, "master_SAE_ID": master,
+            "slave_SAE_ID": slave, "key_size": DEFAULT_KEY_SIZE, "stored_key_count": stored,
+            "max_key_count": max_count, "max_key_per_request": km.logic.max_keys_per_request,
+            "max_key_size": MAX_KEY_SIZE, "min_key_size": MIN_KEY_SIZE, "max_SAE_ID_count": 0,
+            "status_extension": {"qkdsdn_route_hops": (len(route) - 2) if route else None}})
+
+    @app.route("/api/v1/keys/<slave>/enc_keys", methods=["GET", "POST"])
+    def enc_keys(slave: str) -> Response:
+        master = sae_caller()
+        if master is None or not local_app(master):
+            return _error(401, "")
+        if request.method == "POST":
+            body = _body()
+            if body is None:
+                return _error(400, "the request body is not a JSON object")
+            unknown = set(body) - {"number", "size", "additional_slave_SAE_IDs", "extension_mandatory",
+                                   "extension_optional"}
+            if unknown:
+                return _error(400, f"unknown member(s): {', '.join(sorted(unknown))}")
+            if body.get("extension_mandatory"):
+                return _error(400, EXT_MANDATORY_UNSUPPORTED)
+            if body.get("additional_slave_SAE_IDs"):
+                return _error(400, "not all extension_mandatory request options could be met",
+                              [{"qkdsdn_reason": "multicast (additional_slave_SAE_IDs) is not offered: "
+                                                 "max_SAE_ID_count is 0"}])
+            number, size = body.get("number", 1), body.get("size", DEFAULT_KEY_SIZE)
+        else:
+            try:
+                number = int(request.args.get("number", 1))
+                size = int(request.args.get("size", DEFAULT_KEY_SIZE))
+            except ValueError:
+                return _error(400, "number and size must be integers")
+        if not isinstance(number, int) or isinstance(number, bool) or not isinstance(size, int) \
+                or isinstance(size, bool):
+            return _error(400, "number and size must be integers")
+        if size % 8:
+            return _error(400, SIZE_NOT_MULTIPLE_OF_8)
+        if not MIN_KEY_SIZE <= size <= MAX_KEY_SIZE:
+            return _error(400, f"size must be between {MIN_KEY_SIZE} and {MAX_KEY_SIZE}")
+        if slave not in km._apps or slave == master:
+            return _error(400, f"unknown slave SAE '{slave}'")
+        now = km.clock()
+        decision = km._start_call(km.logic.enc_keys, master, slave, number, size, now)
+        answer = km._await(decision, _deadline(decision, now))
+        if isinstance(answer, DeliverKey):
+            keys = read_keys(answer, "source")
+            if isinstance(keys, Response):
+                return keys
+            return _json({"keys": [{"key_ID": key_id_for(answer.ksid, i), "key": base64.b64encode(d).decode()}
+                                   for i, d in keys]})
+        return _answer_014(answer)
+
+    @app.route("/api/v1/keys/<master>/dec_keys", methods=["GET", "POST"])
+    def dec_keys(master: str) -> Response:
+        slave = sae_caller()
+        if slave is None or not local_app(slave):
+            return _error(401, "")
+        if request.method == "POST":
+            body = _body()
+            if body is None or not isinstance(body.get("key_IDs"), list) or not body["key_IDs"]:
+                return _error(400, "key_IDs must be a non-empty list")
+            if body.get("key_IDs_extension"):
+                return _error(400, EXT_MANDATORY_UNSUPPORTED)
+            try:
+                ids = [str(k["key_ID"]) for k in body["key_IDs"]]
+            except (TypeError, KeyError):
+                return _error(400, "every entry of key_IDs needs a key_ID")
+        else:
+            ids = request.args.getlist("key_ID")
+            if len(ids) != 1:
+                return _error(400, "GET dec_keys takes exactly one key_ID")
+        with km._lock:
+            found = [km._key_ids.get(k.lower()) for k in ids]
+        if any(f is None for f in found) or len({f[0] for f in found}) != 1:
+            return _error(400, KEYS_NOT_FOUND)
+        ksid = found[0][0]
+        with km._lock:
+            session = km.logic.session(ksid)
+        if session is None or session.source_sae != master:
+            return _error(400, KEYS_NOT_FOUND)
+        now = km.clock()
+        decision = km._start_call(km.logic.dec_keys, slave, ksid, [i for _, i in found], now, True)
+        answer = km._await(decision, _deadline(decision, now))
+        if isinstance(answer, DeliverKey):
+            keys = read_keys(answer, "destination")
+            if isinstance(keys, Response):
+                return _error(400, KEYS_NOT_FOUND) if keys.status_code == 409 else keys
+            return _json({"keys": [{"key_ID": key_id_for(ksid, i), "key": base64.b64encode(d).decode()}
+                                   for i, d in keys]})
+        return _answer_014(answer)
+
+    # ---------------------------------------------------------------- ETSI GS QKD 004 (docs/etsi004-mapping.md)
+
+    @app.post("/api/v1/qkd004/open_connect")
+    def open_connect() -> Response:
+        caller = sae_caller()
+        if caller is None or not local_app(caller):
+            return _error(401, "")
+        body = _body()
+        if body is None:
+            return _error(400, "the request body is not a JSON object")
+        unknown = set(body) - {"source", "destination", "QoS", "Key_stream_ID"}
+        if unknown:
+            return _error(400, f"unknown member(s): {', '.join(sorted(unknown))}")
+        try:
+            qos = QoS.from_json(body["QoS"]) if body.get("QoS") is not None else None
+        except (ValueError, TypeError) as exc:
+            return _error(400, f"QoS: {exc}")
+        now = km.clock()
+        decision = km._start_call(km.logic.open_connect, body.get("source"), body.get("destination"), qos,
+                                  body.get("Key_stream_ID"), caller, now)
+        answer = km._await(decision, _deadline(decision, now))
+        if isinstance(answer, Reject):
+            return _error(answer.http_status, answer.message)
+        if answer is None:
+            return _json({"status": int(Status.TIMEOUT), "Key_stream_ID": body.get("Key_stream_ID")})
+        out: dict[str, Any] = {"status": int(answer.status), "Key_stream_ID": answer.ksid}
+        if answer.qos is not None:
+            out["QoS"] = answer.qos.to_json()
+        if answer.message and answer.status:
+            out["message"] = answer.message
+        return _json(out)
+
+    @app.post("/api/v1/qkd004/get_key")
+    def get_key() -> Response:
+        caller = sae_caller()
+        if caller is None or not local_app(caller):
+            return _error(401, "")
+        body = _body()
+        if body is None:
+            return _error(400, "the request body is not a JSON object")
+        unknown = set(body) - {"Key_stream_ID", "index", "Metadata_size"}
+        if unknown:
+            return _error(400, f"unknown member(s): {', '.join(sorted(unknown))}")
+        ksid = body.get("Key_stream_ID")
+        side_of = km._side
+        now = km.clock()
+
+        def have_key(index: int) -> bool:
+            return any(info.index == index and info.state != "unconfirmed"
+                       and side_of(ksid) not in info.delivered for info in km.store.list_session_keys(ksid)) \
+                if isinstance(ksid, str) else False
+
+        decision = km._start_call(km.logic.get_key, ksid, body.get("index"), caller, now, have_key,
+                                  metadata_size=body.get("Metadata_size"))
+        answer = km._await(decision, _deadline(decision, now))
+        if isinstance(answer, Reject):
+            return _error(answer.http_status, answer.message)
+        if answer is None:
+            return _json({"status": int(Status.TIMEOUT), "Key_stream_ID": ksid})
+        if isinstance(answer, DeliverKey):
+            keys = read_keys(answer, km._side(answer.ksid))
+            if isinstance(keys, Response):
+                return keys
+            (index, data), = keys
+            stored_at, hops = km._key_meta.get((answer.ksid, index), (time.time(), km._hops.get(answer.ksid, 0)))
+            metadata = metadata_json(int(max(time.time() - stored_at, 0) * 1000), hops)
+            out = {"status": 0, "Key_stream_ID": answer.ksid, "index": index,
+                   "Key_buffer": base64.b64encode(data).decode()}
+            if body.get("Metadata_size"):
+                out["Metadata"] = {"Metadata_size": len(metadata.encode()), "Metadata_buffer": metadata,
+                                   "Metadata_mimetype": "application/json"}
+            return _json(out)
+        out = {"status": int(answer.status), "Key_stream_ID": answer.ksid or ksid}
+        if answer.index is not None:
+            out["index"] = answer.index
+        if answer.metadata_size is not None:
+            out["Metadata"] = {"Metadata_size": answer.metadata_size}
+        if answer.retry_after is not None:
+            out["retry_after"] = round(answer.retry_after, 3)
+        if answer.message and answer.status:
+            out["message"] = answer.message
+        return _json(out)
+
+    @app.post("/api/v1/qkd004/close")
+    def close() -> Response:
+        caller = sae_caller()
+        if caller is None or not local_app(caller):
+            return _error(401, "")
+        body = _body()
+        if body is None or set(body) - {"Key_stream_ID"}:
+            return _error(400, "the body is {\"Key_stream_ID\": \"...\"}")
+        now = km.clock()
+        decision = km._start_call(km.logic.close, body.get("Key_stream_ID"), caller, now)
+        answer = km._await(decision, _deadline(decision, now))
+        if isinstance(answer, Reject):
+            return _error(answer.http_status, answer.message)
+        return _json({"status": int(answer.status) if answer is not None else int(Status.TIMEOUT),
+                      "Key_stream_ID": body.get("Key_stream_ID")})
+
+
+def _answer_014(answer: Any) -> Response:
+    if isinstance(answer, Reject):
+        return _error(answer.http_status, answer.message)
+    if answer is None:
+        return _error(503, "timeout waiting for key material")
+    if isinstance(answer, Reply):
+        if answer.status == Status.QOS_NOT_MET and answer.message:
+            return _error(400, answer.message)
+        return _error(503, answer.message or Status(answer.status).meaning)
+    return _error(503, "key not available")
+
+
+def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
+    def neighbour(link_id: str) -> str | None:
+        """The calling key manager, if it is this node's neighbour on ``link_id``."""
+        who = km.caller(request.environ)
+        if who is None or who.kind != "node":
+            return None
+        link = km._links.get(who.name)
+        return who.name if link is not None and link.qkdl_id == link_id else None
+
+    def any_node() -> str | None:
+        who = km.caller(request.environ)
+        return who.name if who is not None and who.kind == "node" else None
+
+    def rejected(kind: str, status: int, message: str, ksid: str | None = None, **details: Any) -> Response:
+        km._emit_raw("relay_rejected", ksid, message_kind=kind, reason=message, **details)
+        return _error(status, message)
+
+    @app.post("/relay/v1/link_keys")
+    def link_keys() -> Response:
+        body = _body()
+        if body is None or not isinstance(body.get("link"), str):
+            return _error(400, "malformed link_keys message")
+        if neighbour(body["link"]) is None:
+            return _error(403, "only the link's other key manager may send its key IDs")
+        worker = km.workers.get(body["link"])
+        if worker is None or worker.role != "slave":
+            return _error(400, "this key manager is not the slave end of that link")
+        try:
+            answer = worker.handle_link_keys(body)
+        except LinkKeyProtocolError as exc:
+            return _error(400, str(exc))
+        except Exception as exc:  # noqa: BLE001 — the device failed: the master keeps the keys pending
+            log.warning("link_keys on %s: device error %s", body["link"], exc)
+            return _error(503, "the QKD device did not deliver the keys")
+        km._wake.set()
+        return _json(answer)
+
+    def receive(kind: str, parse: Callable[[Any], Any], open_fn: Callable[[Any, bytes], relay.RelayPayload]):
+        body = _body()
+        if body is None:
+            return _error(400, "the body is not a JSON object")
+        try:
+            msg = parse(body)
+        except relay.RelayFormatError as exc:
+            return rejected(kind, 400, str(exc))
+        sender = neighbour(msg.link)
+        if sender is None:
+            return rejected(kind, 403, "the sender is not this node's neighbour on that link", msg.ksid)
+        with km._lock:
+            route = km.logic.route_relay(msg.ksid, sender, km.clock())
+        if not route.accept:
+            return rejected(kind, 409, route.reason, msg.ksid)
+        opened: list[relay.RelayPayload] = []
+        try:
+            km.store.consume_refs(msg.link, msg.consumed_refs(), verify=lambda d: opened.append(open_fn(msg, d)))
+        except relay.RelayAuthError:
+            return rejected(kind, 400, "authentication tag does not verify", msg.ksid, link=msg.link)
+        except KeyRefError as exc:
+            return rejected(kind, 400, f"link key references rejected: {exc}", msg.ksid, link=msg.link)
+        if not km.store.remember_message(msg.link, msg.msg_id, time.time()):
+            return rejected(kind, 400, "replayed message", msg.ksid, link=msg.link)
+        payload = opened[0]
+        if route.local:
+            hops = (msg.hop - 1) if kind == "forward" else 0
+            try:
+                km.store.put_session_key(msg.ksid, msg.index, payload.key, sides=("destination",))
+            except SessionKeyConflict:
+                return rejected(kind, 409, "a different key with that index is already stored", msg.ksid)
+            km._remember_key(msg.ksid, msg.index, hops)
+            km._hops[msg.ksid] = hops
+            confirm = relay.seal_confirm(ksid=msg.ksid, index=msg.index, msg_id=msg.msg_id,
+                                         source_node=msg.source_node, destination_node=msg.destination_node,
+                                         payload=payload)
+            km._emit_raw("relay_received", msg.ksid, index=msg.index, hops=hops)
+            km._call(km.logic.key_ready, msg.ksid, msg.index, km.clock())
+            return _json({"confirm": confirm.to_dict(), "hops": hops})
+        # Trusted node: decrypt with the previous link's key, re-encrypt with the next one's.
+        next_link = km._links.get(route.node)
+        role = "master" if next_link.master == km.name else "slave"
+        try:
+            slices = km.store.take(next_link.qkdl_id, role, relay.link_key_bits_needed(payload.key_bits))
+        except InsufficientKey:
+            return _error(503, f"insufficient link key towards {route.node}")
+        onward = relay.seal_forward(ksid=msg.ksid, index=msg.index, msg_id=msg.msg_id, link=next_link.qkdl_id,
+                                    hop=msg.hop + 1, source_node=msg.source_node,
+                                    destination_node=msg.destination_node, payload=payload, slices=slices)
+        km.workers.get(next_link.qkdl_id) and km.workers[next_link.qkdl_id].wake()
+        km._emit_raw("relay_forwarded", msg.ksid, index=msg.index, to=route.node)
+        try:
+            return _json(km.peers[route.node].post("/relay/v1/forward", onward.to_dict()))
+        except Exception as exc:  # noqa: BLE001 — pass the failure back towards the source
+            status = getattr(exc, "status", 502)
+            return _error(status if status in (400, 409, 503) else 502, f"next hop {route.node}: {exc}")
+
+    @app.post("/relay/v1/forward")
+    def forward() -> Response:
+        return receive("forward", relay.ForwardMessage.from_dict, relay.open_forward)
+
+    @app.post("/relay/v1/deliver")
+    def deliver() -> Response:
+        return receive("deliver", relay.DeliverMessage.from_dict, relay.open_deliver)
+
+    def along(path: str, towards_source: bool) -> Response:
+        body = _body()
+        sender = any_node()
+        if sender is None:
+            return _error(403, "only key managers use the relay channel")
+        if body is None or not isinstance(body.get("ksid"), str) or not isinstance(body.get("index"), int):
+            return _error(400, "the body is {\"ksid\", \"index\"}")
+        ksid, index = body["ksid"], body["index"]
+        with km._lock:
+            route = km.logic.route_relay(ksid, sender, km.clock())
+        if not route.accept:
+            return _error(409, route.reason)
+        if route.local:
+            now = km.clock()
+            if towards_source:
+                km._call(km.logic.peer_key_request, ksid, index, now)
+            else:
+                km._call(km.logic.key_failed, ksid, index, now, int(body.get("status", 4)), "source refused")
+            return _json({"ok": True})
+        try:
+            return _json(km.peers[route.node].post(path, body))
+        except Exception as exc:  # noqa: BLE001
+            return _error(502, f"next hop {route.node}: {exc}")
+
+    @app.post("/relay/v1/fetch")
+    def fetch() -> Response:
+        return along("/relay/v1/fetch", towards_source=True)
+
+    @app.post("/relay/v1/answer")
+    def answer() -> Response:
+        return along("/relay/v1/answer", towards_source=False)
+
+    @app.post("/relay/v1/control/admit")
+    def control_admit() -> Response:
+        if any_node() is None or not isinstance(km.control, LocalControlPlane):
+            return _error(403, "admission requests come from key managers in local control mode")
+        try:
+            req = AdmissionRequest.from_json(_body())
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return _json(km.control.handle_admission(req).to_json())
+
+    @app.post("/relay/v1/control/closed")
+    def control_closed() -> Response:
+        body = _body()
+        if any_node() is None or not isinstance(km.control, LocalControlPlane):
+            return _error(403, "close signals come from key managers in local control mode")
+        if body is None or not isinstance(body.get("ksid"), str):
+            return _error(400, "the body is {\"ksid\", \"reason\"}")
+        km._pool.submit(km.control.handle_closed, body["ksid"], str(body.get("reason", "")))
+        return _json({"ok": True})

@@ -1,0 +1,625 @@
+"""The agent of one node: virtual key manager + SDN agent on one HTTPS listener.
+
+This is the I/O shell around the decision classes (``agents.core``): it serves
+ETSI 014 and ETSI 004 to applications, RESTCONF (ETSI 015) to the controller,
+and the relay channel to neighbouring key managers; it fills the link-key pools
+from the QKD devices, keeps the durable key store and carries out the actions
+``KeyManagerLogic`` returns. The logic is called under one lock; actions that
+wait on the network run in a thread pool and feed their outcome back into the
+logic. See docs/key-management.md for the wire formats and rules.
+"""
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import requests
+from flask import Flask, Response, request
+
+from agents import relay
+from agents.control import (AdmissionRequest, AdmissionResult, ControlPlane, LocalControlPlane, RouteConfig)
+from agents.core.keymanager import (AnswerPeer, DeliverKey, EmitEvent, FetchFromSource, KeyManagerLogic,
+                                    NeedAdmission, NeedAuthentication, ProduceKey, PurgeKeys, Reject, Reply,
+                                    SignalKeyRequest, Terminate, Wait, key_id_for, metadata_json)
+from agents.core.session import QoS, SessionConfig, Status
+from agents.keystore import InsufficientKey, KeyRefError, KeyStore, SessionKeyConflict
+from agents.linkkeys import LinkKeyProtocolError, LinkKeyWorker
+from agents.sdn_agent import (ConfigRejected, NodeState, SessionConfig as WireConfig, etsi_from_config,
+                              restconf_blueprint)
+from db.netfile import Link, Network
+from etsi015 import model as e015
+
+log = logging.getLogger("qkdsdn.agent")
+
+DEV_IDENTITY_HEADER = "X-QKDSDN-Dev-Identity"
+RELAY_TIMEOUT_S = 10.0
+EVENT_BUFFER = 10_000
+PERF_PERIOD_S = 1.0
+# Namespace of the VIRT link ids: one id per session, the same at every node of its route.
+VIRT_NAMESPACE = uuid.UUID("1b7d9a52-3f0e-4c8a-9d21-5e6f7a8b9c0d")
+
+ETSI014_SIZE = "size shall be a multiple of 8"
+ETSI014_NOT_FOUND = "one or more keys specified are not found on KME"
+ETSI014_EXT_UNSUPPORTED = "not all extension_mandatory parameters are supported"
+
+
+def virt_link_id(ksid: str) -> str:
+    return str(uuid.uuid5(VIRT_NAMESPACE, ksid))
+
+
+@dataclass(frozen=True)
+class Caller:
+    kind: str  # sae | node | controller | operator
+    name: str
+    fingerprint: str | None = None
+
+
+class _Pending:
+    """An application call waiting for its answer from the logic."""
+
+    __slots__ = ("event", "answer")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.answer: Reply | Reject | DeliverKey | None = None
+
+
+class Peer:
+    """HTTPS client towards another key manager (relay channel)."""
+
+    def __init__(self, name: str, url: str, session: requests.Session):
+        self.name, self.url, self.session = name, url, session
+
+    def post(self, path: str, body: dict, timeout: float = RELAY_TIMEOUT_S) -> dict:
+        response = self.session.post(self.url + path, json=body, timeout=timeout)
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = {}
+        if response.status_code != 200:
+            raise PeerError(response.status_code, str(payload.get("message") or response.reason))
+        return payload
+
+
+class PeerError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status, self.message = status, message
+
+
+class KeyManagerAgent:
+    """One node's agent. ``start()`` serves; ``stop()`` ends every thread."""
+
+    def __init__(self, network: Network, node: str, *, state_dir: str | Path, pki: Any = None,
+                 insecure_dev: bool = False, control: ControlPlane | None = None, host: str | None = None,
+                 port: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 link_workers: bool = True, pool_max_bits: int = 8 * 2 ** 20):
+        from qkdsdn.pki import PkiLayout
+
+        if pki is None and not insecure_dev:
+            raise ValueError("an agent needs certificates (pki) unless it runs with insecure_dev on loopback")
+        self.network = network
+        self.node = network.node(node)
+        self.name = node
+        self.insecure_dev = insecure_dev
+        self.pki = PkiLayout(pki) if pki is not None and not isinstance(pki, PkiLayout) else pki
+        self.clock = clock
+        self.host = host or self.node.km_host
+        self.port = self.node.km_port if port is None else port
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = KeyStore(self.state_dir / f"{node}.keystore.sqlite", pool_max_bits=pool_max_bits)
+        self.logic = KeyManagerLogic(node)
+        self._lock = threading.RLock()
+        self._calls: dict[str, _Pending] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"km-{node}")
+        self._threads: list[threading.Thread] = []
+        self._by_qkdn = {n.qkdn_id: n.name for n in network.nodes}
+        self._qkdn = {n.name: n.qkdn_id for n in network.nodes}
+        self._apps = {a.sae_id: a for a in network.applications}
+        self._links: dict[str, Link] = {}  # neighbour name -> physical link
+        for link in network.links_of(node):
+            other = link.slave if link.master == node else link.master
+            self._links[other] = link
+        self._links_by_id = {link.qkdl_id: link for link in self._links.values()}
+        self._key_meta: dict[tuple[str, int], tuple[float, int]] = {}  # (ksid, index) -> (stored at, hops)
+        self._key_ids: dict[str, tuple[str, int]] = {}  # ETSI 014 key_ID -> (ksid, index)
+        self._producing: dict[tuple[str, int], concurrent.futures.Future] = {}
+        self.events: deque[dict] = deque(maxlen=EVENT_BUFFER)
+        self._event_file = open(self.state_dir / f"{node}.events.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._event_subscribers: list[Callable[[dict], None]] = []
+        self.peers = {n.name: self._make_peer(n.name) for n in network.nodes if n.name != node}
+        self.node_state = NodeState.from_network(network, node)
+        self.control = control or LocalControlPlane(network, node, push=self._push_config,
+                                                    remove=self._remove_config, forward=self._forward_control,
+                                                    clock=clock)
+        self.workers: dict[str, LinkKeyWorker] = {}
+        if link_workers:
+            from agents.drivers.factory import device_for_link_end
+
+            for other, link in self._links.items():
+                if link.device is None and link.kme is None:
+                    continue
+                role = "master" if link.master == node else "slave"
+                device = device_for_link_end(network, link, node, pki=self.pki, insecure_dev=insecure_dev)
+                notify = (lambda msg, peer=self.peers[other]: peer.post("/relay/v1/link_keys", msg)) \
+                    if role == "master" else None
+                self.workers[link.qkdl_id] = LinkKeyWorker(link, role, device, self.store, notify_slave=notify,
+                                                           clock=clock)
+        self.app = self._make_app()
+        self.server = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> "KeyManagerAgent":
+        from qkdsdn.httpserver import HTTPServer, TLSConfig
+
+        tls = None if self.insecure_dev else TLSConfig.for_node(self.pki, self.name)
+        self.server = HTTPServer(self.app, self.host, self.port, tls=tls, insecure_dev=self.insecure_dev,
+                                 name=f"agent {self.name}", threads=32)
+        self.server.start()
+        self.port = self.server.port
+        for worker in self.workers.values():
+            worker.start()
+        for target, name in ((self._ticker, "tick"), (self._monitor, "perf")):
+            t = threading.Thread(target=target, name=f"km-{self.name}-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.node_state.set_node_status(e015.NodeStatus.OPERATING)
+        self._emit_raw("agent_started", None, url=self.server.url)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        for worker in self.workers.values():
+            worker.stop()
+        if self.server is not None:
+            self.server.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for peer in self.peers.values():
+            peer.session.close()
+        self.store.close()
+        self._event_file.close()
+
+    def __enter__(self) -> "KeyManagerAgent":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        scheme = "http" if self.insecure_dev else "https"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    # ------------------------------------------------------------------ peers and identity
+
+    def _make_peer(self, name: str) -> Peer:
+        from qkdsdn.httpserver import https_session
+
+        node = self.network.node(name)
+        if self.insecure_dev:
+            session = requests.Session()
+            session.headers[DEV_IDENTITY_HEADER] = f"node:{self.name}"
+            return Peer(name, f"http://{node.km_host}:{node.km_port}", session)
+        cert, key = self.pki.node(self.name)
+        return Peer(name, f"https://{node.km_host}:{node.km_port}", https_session(cert, key, self.pki.ca_cert))
+
+    def set_peer_url(self, name: str, url: str) -> None:
+        """Where another key manager listens (tests that bind ephemeral ports)."""
+        self.peers[name].url = url.rstrip("/")
+
+    def caller(self, environ: dict) -> Caller | None:
+        if self.insecure_dev:
+            raw = environ.get("HTTP_" + DEV_IDENTITY_HEADER.upper().replace("-", "_"), "")
+            kind, _, name = raw.partition(":")
+            if kind in ("sae", "node") and name:
+                return Caller(kind, name)
+            if kind in ("controller", "operator"):
+                return Caller(kind, kind)
+            return None
+        from qkdsdn import pki
+        from qkdsdn.httpserver import peer_certificate, peer_fingerprint
+
+        cert = peer_certificate(environ)
+        if cert is None:
+            return None
+        kind = pki.certificate_kind(cert)
+        fp = peer_fingerprint(environ)
+        if kind == "application":
+            return Caller("sae", pki.sae_id_from_certificate(cert), fp)
+        if kind == "node":
+            name = self._by_qkdn.get(pki.node_id_from_certificate(cert) or "")
+            return Caller("node", name, fp) if name else None
+        if kind in ("controller", "operator"):
+            return Caller(kind, kind, fp)
+        return None
+
+    # ------------------------------------------------------------------ events
+
+    def _emit(self, event: Any) -> None:
+        record = event.to_json() if hasattr(event, "to_json") else dict(event)
+        record.setdefault("node", self.name)
+        record.setdefault("element", "key_manager")
+        self.events.append(record)
+        try:
+            self._event_file.write(json.dumps(record, default=str) + "\n")
+            self._event_file.flush()
+        except ValueError:  # closed during shutdown
+            pass
+        for callback in list(self._event_subscribers):
+            try:
+                callback(record)
+            except Exception:  # noqa: BLE001 — a subscriber never breaks the key manager
+                log.exception("event subscriber failed")
+
+    def _emit_raw(self, kind: str, ksid: str | None, **details: Any) -> None:
+        self._emit({"timestamp": time.time(), "kind": kind, "ksid": ksid, "details": details})
+
+    def subscribe_events(self, callback: Callable[[dict], None]) -> None:
+        self._event_subscribers.append(callback)
+
+    # ------------------------------------------------------------------ driving the logic
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            result = fn(*args, **kwargs)
+        actions = result.actions if hasattr(result, "actions") else result
+        self._run(actions)
+        return result
+
+    def _run(self, actions: Iterable[Any]) -> None:
+        for a in actions:
+            if isinstance(a, (Reply, Reject, DeliverKey)):
+                pending = self._calls.get(a.call_id)
+                if pending is not None:
+                    pending.answer = a
+                    pending.event.set()
+            elif isinstance(a, Wait):
+                self._wake.set()
+            elif isinstance(a, EmitEvent):
+                self._emit(a.event)
+            elif isinstance(a, NeedAuthentication):
+                self._pool.submit(self._authenticate, a)
+            elif isinstance(a, NeedAdmission):
+                self._pool.submit(self._admit, a)
+            elif isinstance(a, ProduceKey):
+                key = (a.ksid, a.index)
+                if key not in self._producing:
+                    self._producing[key] = self._pool.submit(self._produce, a)
+            elif isinstance(a, FetchFromSource):
+                self._pool.submit(self._fetch, a)
+            elif isinstance(a, AnswerPeer):
+                self._pool.submit(self._answer_peer, a)
+            elif isinstance(a, SignalKeyRequest):
+                self._pool.submit(self.control.key_request, a.ksid)
+            elif isinstance(a, Terminate):
+                self._terminated(a)
+            elif isinstance(a, PurgeKeys):
+                self.store.drop_session(a.ksid)
+                with self._lock:
+                    for k in [k for k in self._key_meta if k[0] == a.ksid]:
+                        del self._key_meta[k]
+                    for kid in [kid for kid, v in self._key_ids.items() if v[0] == a.ksid]:
+                        del self._key_ids[kid]
+            else:  # pragma: no cover — a new action type must be handled here
+                log.error("unhandled action %r", a)
+
+    def _await(self, decision: Any, deadline_s: float) -> Reply | Reject | DeliverKey | None:
+        """Block the calling (HTTP) thread until the call is answered or its deadline passes."""
+        answer = decision.answer
+        if answer is not None:
+            self._calls.pop(decision.call_id, None)
+            return answer
+        pending = self._calls[decision.call_id]
+        # The logic answers every waiting call by its deadline (tick); the margin covers scheduling.
+        pending.event.wait(deadline_s + 5.0)
+        self._calls.pop(decision.call_id, None)
+        return pending.answer
+
+    def _start_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run an application call: register its pending answer before any action can answer it."""
+        with self._lock:
+            decision = fn(*args, **kwargs)
+            if decision.answer is None:
+                self._calls[decision.call_id] = _Pending()
+        self._run(decision.actions)
+        return decision
+
+    def _ticker(self) -> None:
+        while not self._stopping.is_set():
+            now = self.clock()
+            with self._lock:
+                deadline = self.logic.next_deadline()
+            wait = 0.2 if deadline is None else min(max(deadline - now, 0.0), 0.2)
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            now = self.clock()
+            actions: list[Any] = []
+            with self._lock:
+                actions += self.logic.tick(now)
+                for link_id, link in self._links_by_id.items():
+                    queue = self.logic.queue(link_id)
+                    if queue is not None and len(queue):
+                        role = "master" if link.master == self.name else "slave"
+                        actions += self.logic.material_available(link_id, self.store.available_bits(link_id, role),
+                                                                 now)
+            self._run(actions)
+
+    def _monitor(self) -> None:
+        """Link performance for ETSI 015 (qkdl_performance, link perf notifications)."""
+        while not self._stopping.wait(PERF_PERIOD_S):
+            for link_id, worker in self.workers.items():
+                try:
+                    skr = worker.arrival_rate_bps()
+                    snap = worker.snapshot()
+                    qber = snap.get("qber")
+                    self.node_state.set_link_performance(link_id, skr=skr, qber=qber)
+                    status = e015.LinkStatus.ACTIVE if skr > 0 or self.store.available_bits(link_id) > 0 \
+                        else e015.LinkStatus.PENDING
+                    self.node_state.set_link_status(link_id, status)
+                except Exception:  # noqa: BLE001 — monitoring never stops the agent
+                    log.exception("performance update of %s failed", link_id)
+
+    # ------------------------------------------------------------------ control plane
+
+    def _authenticate(self, a: NeedAuthentication) -> None:
+        fingerprint = self._fingerprints.get(a.sae)
+        try:
+            result = self.control.authenticate(a.sae, fingerprint=fingerprint, interface=a.interface)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("authentication of %s failed: %s", a.sae, exc)
+            self._call(self.logic.authentication_failed, a.ksid, "access control unreachable", self.clock())
+            return
+        self._emit_raw("authentication", a.ksid, sae=a.sae, accepted=result.ok, reason=result.reason)
+        if result.ok:
+            self._users[a.ksid] = result.user
+            self._call(self.logic.authenticated, a.ksid, result.user, self.clock())
+        else:
+            self._call(self.logic.authentication_failed, a.ksid, result.reason, self.clock())
+
+    def _admit(self, a: NeedAdmission) -> None:
+        req = AdmissionRequest(ksid=a.ksid, interface=a.interface, user=a.user, requesting_node=self.name,
+                               local_sae=a.local_sae, source_sae=a.source_sae, destination_sae=a.destination_sae,
+                               qos=a.qos.to_json())
+        try:
+            result = self.control.admit(req)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("admission of %s failed: %s", a.ksid, exc)
+            result = AdmissionResult(int(Status.NO_QKD_CONNECTION), reason="admission control unreachable")
+        if result.hops is not None:
+            self._hops[a.ksid] = result.hops
+        if result.status != 0:
+            counter = QoS.from_json(result.qos) if result.qos else None
+            self._call(self.logic.admission_rejected, a.ksid, result.status, self.clock(), result.reason, counter)
+
+    # The control plane configures sessions through RESTCONF (ours and the other agents').
+    def configure(self, config: WireConfig) -> None:
+        prev_hop = self._by_qkdn.get(config.prev_hop) if config.prev_hop else None
+        next_hop = self._by_qkdn.get(config.next_hop) if config.next_hop else None
+        for hop, raw in ((prev_hop, config.prev_hop), (next_hop, config.next_hop)):
+            if raw and (hop is None or hop not in self._links):
+                raise ConfigRejected(f"hop {raw} is not a neighbour of {self.name} on a physical link")
+        with self._lock:
+            existing = self.logic.session(config.ksid)
+        if existing is not None:
+            interface = existing.interface
+        elif next_hop is None and prev_hop is not None:
+            # A destination that no local OPEN_CONNECT awaits: the slave side of an ETSI 014 pair
+            # (admission configures a 004 destination only after its application opened).
+            interface = "014"
+        else:
+            interface = "004"  # an intermediate node: the interface does not matter there
+        core = SessionConfig(
+            ksid=config.ksid, priority=config.priority, bucket_rate_bps=float(config.bucket_rate_bps),
+            bucket_size_bits=int(config.bucket_size_bits), inactivity_timeout_s=float(config.inactivity_timeout_s),
+            prev_hop=prev_hop, next_hop=next_hop,
+            link_prev=self._links[prev_hop].qkdl_id if prev_hop else None,
+            link_next=self._links[next_hop].qkdl_id if next_hop else None,
+            virt_link_id=config.virt_link_id, source_sae=config.source_sae,
+            destination_sae=config.destination_sae, interface=interface)
+        try:
+            self._call(self.logic.configure, core, self.clock())
+        except Exception as exc:  # noqa: BLE001 — the logic refuses configurations that do not fit
+            raise ConfigRejected(f"configuration refused: {exc}") from None
+
+    def deconfigure(self, ksid: str) -> None:
+        self._call(self.logic.deconfigure, ksid, self.clock())
+
+    def _push_config(self, cfg: RouteConfig) -> None:
+        """LocalControlPlane: configure one key manager on a route over its RESTCONF."""
+        wire = WireConfig(
+            ksid=cfg.ksid, priority=cfg.priority, bucket_rate_bps=cfg.bucket_rate_bps,
+            bucket_size_bits=cfg.bucket_size_bits, inactivity_timeout_s=cfg.inactivity_timeout_s,
+            prev_hop=self._qkdn[cfg.prev_hop] if cfg.prev_hop else None,
+            next_hop=self._qkdn[cfg.next_hop] if cfg.next_hop else None,
+            source_sae=cfg.source_sae, destination_sae=cfg.destination_sae, virt_link_id=virt_link_id(cfg.ksid),
+            source_qkdn_id=self._qkdn[cfg.source_node], destination_qkdn_id=self._qkdn[cfg.destination_node])
+        app, link = etsi_from_config(wire, self._qkdn[cfg.node])
+        client = self._restconf(cfg.node)
+        client.post_link(link)
+        client.post_application(app)
+
+    def _remove_config(self, node: str, ksid: str) -> None:
+        from etsi015.restconf import RestconfError
+
+        client = self._restconf(node)
+        for remove, key in ((client.delete_application, ksid), (client.delete_link, virt_link_id(ksid))):
+            try:
+                remove(key)
+            except RestconfError as exc:
+                if exc.status != 404:  # already gone is fine
+                    raise
+
+    def _restconf(self, node: str):
+        from etsi015.restconf import RestconfClient
+
+        base = self.url if node == self.name else self.peers[node].url
+        session = self.peers[node].session if node != self.name else self._self_session()
+        return RestconfClient(base, session=session, timeout=RELAY_TIMEOUT_S)
+
+    def _self_session(self) -> requests.Session:
+        if not hasattr(self, "_own_session"):
+            from qkdsdn.httpserver import https_session
+
+            if self.insecure_dev:
+                self._own_session = requests.Session()
+                self._own_session.headers[DEV_IDENTITY_HEADER] = f"node:{self.name}"
+            else:
+                cert, key = self.pki.node(self.name)
+                self._own_session = https_session(cert, key, self.pki.ca_cert)
+        return self._own_session
+
+    def _forward_control(self, node: str, path: str, body: dict) -> dict:
+        return self.peers[node].post(path, body, timeout=RELAY_TIMEOUT_S + float(body.get("qos", {}).get(
+            "Timeout") or 0) / 1000.0)
+
+    def _terminated(self, a: Terminate) -> None:
+        self._emit_raw("session_terminated", a.ksid, reason=a.reason)
+        if a.notify_control:
+            with self._lock:
+                session = self.logic.session(a.ksid)
+            source = session.source_sae if session is not None else None
+            self._pool.submit(self.control.closed, a.ksid, source, a.reason)
+
+    # ------------------------------------------------------------------ key production (source)
+
+    def _side(self, ksid: str) -> str:
+        with self._lock:
+            session = self.logic.session(ksid)
+        return "source" if session is None or session.role.value == "source" else "destination"
+
+    def _produce(self, a: ProduceKey) -> None:
+        try:
+            outcome = self._produce_once(a)
+        except Exception:  # noqa: BLE001
+            log.exception("producing key %d of %s failed", a.index, a.ksid)
+            outcome = ("failed", int(Status.NO_QKD_CONNECTION), "internal error")
+        finally:
+            self._producing.pop((a.ksid, a.index), None)
+        now = self.clock()
+        if outcome[0] == "ready":
+            self._call(self.logic.key_ready, a.ksid, a.index, now)
+        elif outcome[0] == "short":
+            self._call(self.logic.key_material_short, a.ksid, a.index, outcome[1], now)
+            self.workers.get(a.pool) and self.workers[a.pool].wake()
+        else:
+            self._call(self.logic.key_failed, a.ksid, a.index, now, outcome[1], outcome[2])
+
+    def _produce_once(self, a: ProduceKey) -> tuple:
+        link = self._links.get(a.next_hop)
+        if link is None:
+            return ("failed", int(Status.NO_QKD_CONNECTION), f"{a.next_hop} is not a neighbour")
+        if self._has_key(a.ksid, a.index):
+            # Made already (a fetch that crossed the production): the destination has it too.
+            return ("ready",)
+        role = "master" if link.master == self.name else "slave"
+        needed = relay.link_key_bits_needed(a.bits)
+        with self._lock:
+            session = self.logic.session(a.ksid)
+        if session is None:
+            return ("failed", int(Status.NO_QKD_CONNECTION), "session gone")
+        dest_app = self._apps.get(session.destination_sae)
+        adjacent = dest_app is not None and dest_app.node == a.next_hop
+        msg_id = str(uuid.uuid4())
+        try:
+            slices = self.store.take(link.qkdl_id, role, needed)
+        except InsufficientKey:
+            return ("short", needed)
+        me, dest = self._qkdn[self.name], self._qkdn[dest_app.node] if dest_app else None
+        if adjacent:
+            msg, payload = relay.seal_deliver(ksid=a.ksid, index=a.index, msg_id=msg_id, link=link.qkdl_id,
+                                              source_node=me, destination_node=dest, key_bits=a.bits,
+                                              slices=slices)
+            path, hops = "/relay/v1/deliver", 0
+        else:
+            payload = relay.RelayPayload.generate(a.bits)
+            msg = relay.seal_forward(ksid=a.ksid, index=a.index, msg_id=msg_id, link=link.qkdl_id, hop=1,
+                                     source_node=me, destination_node=dest, payload=payload, slices=slices)
+            path, hops = "/relay/v1/forward", None
+        self.workers.get(link.qkdl_id) and self.workers[link.qkdl_id].wake()
+        try:
+            answer = self.peers[a.next_hop].post(path, msg.to_dict())
+            confirm = relay.ConfirmMessage.from_dict(answer["confirm"])
+            relay.verify_confirm(confirm, payload)
+        except PeerError as exc:
+            status = int(Status.INSUFFICIENT_KEY) if exc.status == 503 else int(Status.NO_QKD_CONNECTION)
+            self._emit_raw("relay_failed", a.ksid, index=a.index, status=exc.status, message=exc.message)
+            return ("failed", status, exc.message)
+        except (requests.RequestException, KeyError, relay.RelayError, ValueError) as exc:
+            self._emit_raw("relay_failed", a.ksid, index=a.index, message=type(exc).__name__)
+            return ("failed", int(Status.NO_QKD_CONNECTION), "relay failed")
+        if hops is None:
+            hops = int(answer.get("hops", 0))
+        self.store.put_session_key(a.ksid, a.index, payload.key, sides=(self._side(a.ksid),))
+        self._remember_key(a.ksid, a.index, hops)
+        return ("ready",)
+
+    def _has_key(self, ksid: str, index: int) -> bool:
+        return any(info.index == index for info in self.store.list_session_keys(ksid))
+
+    def _remember_key(self, ksid: str, index: int, hops: int) -> None:
+        with self._lock:
+            self._key_meta[(ksid, index)] = (time.time(), hops)
+            self._key_ids[key_id_for(ksid, index)] = (ksid, index)
+
+    def _fetch(self, a: FetchFromSource) -> None:
+        try:
+            self.peers[a.prev_hop].post("/relay/v1/fetch", {"ksid": a.ksid, "index": a.index})
+        except (PeerError, requests.RequestException) as exc:
+            status = int(Status.NO_QKD_CONNECTION)
+            self._call(self.logic.key_failed, a.ksid, a.index, self.clock(), status, f"fetch failed: {exc}")
+
+    def _answer_peer(self, a: AnswerPeer) -> None:
+        with self._lock:
+            entry = self.logic.forwarding.get(a.ksid)
+        if entry is None or entry.next_hop is None:
+            return
+        try:
+            self.peers[entry.next_hop].post("/relay/v1/answer",
+                                            {"ksid": a.ksid, "index": a.index, "status": int(a.status)})
+        except (PeerError, requests.RequestException) as exc:
+            log.warning("answer for %s/%d not delivered: %s", a.ksid, a.index, exc)
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _make_app(self) -> Flask:
+        app = Flask(f"qkdsdn-agent-{self.name}")
+        app.config["MAX_CONTENT_LENGTH"] = 4 * 2 ** 20
+        self._users: dict[str, str] = {}
+        self._hops: dict[str, int] = {}
+        self._fingerprints: dict[str, str] = {}
+
+        def authorize(environ: dict, method: str, path: str) -> bool:
+            from agents.sdn_agent import AuthenticationRequired
+
+            who = self.caller(environ)
+            if who is None:
+                raise AuthenticationRequired()
+            if who.kind in ("controller", "operator"):
+                return True
+            # Without a controller, the admission authority (another agent) configures routes.
+            return who.kind == "node" and isinstance(self.control, LocalControlPlane)
+
+        app.register_blueprint(restconf_blueprint(self.node_state, self, authorize))
+        from agents.api import register_application_apis, register_relay_api
+
+        register_application_apis(app, self)
+        register_relay_api(app, self)
+        return app

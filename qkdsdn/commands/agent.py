@@ -1,0 +1,82 @@
+"""qkdsdn agent: run one node's key manager and SDN agent."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "run one node's agent: the virtual key manager (ETSI 004/014) and SDN agent (ETSI 015)"
+
+DESCRIPTION = """\
+Run the agent of one node of a network file: the virtual key manager that
+applications call (ETSI GS QKD 014 at /api/v1/keys/..., ETSI GS QKD 004 at
+/api/v1/qkd004/...), the SDN agent a controller configures (ETSI GS QKD 015
+RESTCONF at /restconf/data/etsi-qkd-sdn-node:qkd_node) and the relay channel to
+the neighbouring key managers, all on the node's km_address with mutual TLS.
+The agent fills a durable key pool per physical link from the link's QKD
+device (ETSI 014; the digital twin or hardware) and keeps its key store and
+event log in --state-dir.
+
+Until a controller runs, access and admission control are local: every agent
+reads the same network file and the key manager of a session's source
+application admits it and configures the route through the agents' RESTCONF.
+"""
+
+EPILOG = """\
+examples:
+  qkdsdn pki init examples/paper-poc.yaml --out pki
+  qkdsdn twin examples/paper-poc.yaml --pki pki &
+  qkdsdn agent examples/paper-poc.yaml --node KM0 --pki pki --state-dir run/KM0
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("network", metavar="NETWORK.yaml", help="network file")
+    p.add_argument("--node", required=True, help="the node whose agent this is (e.g. KM2)")
+    sec = p.add_mutually_exclusive_group(required=True)
+    sec.add_argument("--pki", metavar="DIR", help="certificates from 'qkdsdn pki init' (mutual TLS)")
+    sec.add_argument("--insecure-dev", action="store_true",
+                     help="development only: plain HTTP on loopback, callers named by the "
+                          "X-QKDSDN-Dev-Identity header")
+    p.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="key store and event log (default: ./qkdsdn-state/NODE)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=cmd_agent)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+    from pathlib import Path
+
+    from qkdsdn.cli import CommandError
+    from qkdsdn.commands.common import load_network
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    network = load_network(args.network)
+    try:
+        network.node(args.node)
+    except KeyError:
+        raise CommandError(f"no node '{args.node}' in {args.network} "
+                           f"(nodes: {', '.join(n.name for n in network.nodes)})") from None
+    from agents.service import KeyManagerAgent
+
+    state = Path(args.state_dir or Path("qkdsdn-state") / args.node)
+    try:
+        agent = KeyManagerAgent(network, args.node, state_dir=state, pki=args.pki, insecure_dev=args.insecure_dev)
+    except (ValueError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    if args.insecure_dev:
+        logging.getLogger("qkdsdn.agent").warning(
+            "INSECURE DEVELOPMENT MODE: plain HTTP, callers identified by a header; never use this in production")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.start()
+    print(f"agent {args.node} serving on {agent.url} (state in {state})", flush=True)
+    try:
+        stop.wait()
+    finally:
+        agent.stop()
+    return 0
