@@ -19,6 +19,9 @@ COMMAND_MODULES = (
     "qkdsdn.commands.pki",
     "qkdsdn.commands.twin",
     "qkdsdn.commands.agent",
+    "qkdsdn.commands.up",
+    "qkdsdn.commands.demo",
+    "qkdsdn.commands.timeline",
 )
 
 DESCRIPTION = """\
