@@ -14,7 +14,7 @@ import datetime as dt
 import enum
 from typing import Any, Optional
 
-from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Enum, Float, ForeignKey, Index, Integer,
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Enum, Float, ForeignKey, Index, Integer,
                         String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -115,7 +115,7 @@ class Interface(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
-    qkdi_id: Mapped[int] = mapped_column(Integer)  # uint32, unique within the node
+    qkdi_id: Mapped[int] = mapped_column(BigInteger)  # uint32, unique within the node
     model: Mapped[Optional[str]] = mapped_column(String(128))
     qkd_type: Mapped[str] = mapped_column(String(16), default="DV-QKD")
     att_device: Mapped[Optional[str]] = mapped_column(String(128))
@@ -222,10 +222,11 @@ class SLA(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), unique=True)
-    max_priority: Mapped[int] = mapped_column(Integer)
-    max_bps: Mapped[int] = mapped_column(Integer)
+    # uint32 / large values: 64-bit columns (PostgreSQL INTEGER is signed 32-bit).
+    max_priority: Mapped[int] = mapped_column(BigInteger)
+    max_bps: Mapped[int] = mapped_column(BigInteger)
     max_sessions: Mapped[int] = mapped_column(Integer)
-    bucket_bits: Mapped[int] = mapped_column(Integer)
+    bucket_bits: Mapped[int] = mapped_column(BigInteger)
     # Node names; NULL means every destination.
     allowed_destinations: Mapped[Optional[list[Any]]] = mapped_column(JSON)
 
@@ -249,7 +250,7 @@ class Application(Base):
     sae_id: Mapped[str] = mapped_column(String(64), unique=True)
     node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    priority: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[int] = mapped_column(BigInteger, default=0)
 
     node: Mapped[Node] = relationship(back_populates="applications")
     user: Mapped[User] = relationship(back_populates="applications")
@@ -296,7 +297,7 @@ class Session(Base):
     dst_node: Mapped[str] = mapped_column(String(64))
     user: Mapped[Optional[str]] = mapped_column(String(64))
     qos: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    priority: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[int] = mapped_column(BigInteger, default=0)
     state: Mapped[SessionState] = mapped_column(_enum(SessionState, "session_state"),
                                                 default=SessionState.PENDING)
     # Node names from source to destination.

@@ -191,3 +191,19 @@ def test_default_url_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("QKDSDN_DB", f"sqlite:///{tmp_path}/x.db")
     assert database_url() == f"sqlite:///{tmp_path}/x.db"
     assert database_url("sqlite:///y.db") == "sqlite:///y.db"
+
+
+def test_uint32_values_fit_on_every_backend(db_url):  # noqa: F811
+    text = (EXAMPLES / "paper-poc.yaml").read_text().replace(
+        "sla: {max_priority: 7, max_bps: 64000", "sla: {max_priority: 4294967295, max_bps: 4294967295", 1).replace(
+        "{sae_id: SAE-KM0, node: KM0, user: alice, priority: 5}",
+        "{sae_id: SAE-KM0, node: KM0, user: alice, priority: 4294967295}")
+    engine = make_engine(db_url)
+    upgrade(engine)
+    with session_factory(engine).begin() as s:
+        load_network(s, parse(text, "poc.yaml"))
+    with session_factory(engine)() as s:
+        alice = s.scalar(select(m.User).where(m.User.name == "alice"))
+        assert alice.sla.max_priority == alice.sla.max_bps == 4294967295
+        assert s.scalar(select(m.Application.priority).where(m.Application.sae_id == "SAE-KM0")) == 4294967295
+    engine.dispose()
