@@ -264,17 +264,23 @@ class AllOf(Probe):
 @dataclass
 class ProcessSpec:
     """One process of a network. ``group``: processes start group by group (0 first), the
-    next group once every process of the previous one is ready; they stop in reverse."""
+    next group once every process of the previous one is ready. ``stop_group``: they stop
+    group by group, the highest first (default: ``group``, i.e. the reverse of the start)."""
 
     name: str
     role: str  # broker | twin | controller | agent | other
     argv: list[str]
     probe: Probe | None = None
     group: int = 0
+    stop_group: int | None = None
     node: str | None = None
     address: str | None = None  # what the status table shows (host:port or URL)
     env: dict[str, str] | None = None
     cwd: str | None = None
+
+    @property
+    def stop_order(self) -> int:
+        return self.group if self.stop_group is None else self.stop_group
 
 
 @dataclass
@@ -306,12 +312,14 @@ class Running:
         return {"name": self.spec.name, "role": self.spec.role, "node": self.spec.node,
                 "address": self.spec.address, "argv": self.spec.argv, "pid": self.pid, "pgid": self.pgid,
                 "start_ticks": self.start_ticks, "log": str(self.log_path), "started_at": self.started_at,
-                "ready_at": self.ready_at, "found": self.found, "group": self.spec.group}
+                "ready_at": self.ready_at, "found": self.found, "group": self.spec.group,
+                "stop_group": self.spec.stop_order}
 
     @classmethod
     def from_json(cls, data: dict) -> "Running":
         spec = ProcessSpec(name=data["name"], role=data.get("role", "other"), argv=list(data.get("argv", [])),
-                           node=data.get("node"), address=data.get("address"), group=int(data.get("group", 0)))
+                           node=data.get("node"), address=data.get("address"), group=int(data.get("group", 0)),
+                           stop_group=data.get("stop_group"))
         return cls(spec=spec, pid=int(data["pid"]), start_ticks=data.get("start_ticks"),
                    log_path=Path(data["log"]), log_offset=0, started_at=float(data.get("started_at", 0)),
                    pgid=data.get("pgid"), ready_at=data.get("ready_at"), found=dict(data.get("found") or {}))
@@ -629,12 +637,12 @@ def _group_members(pgid: int) -> list[str]:
 
 def stop_processes(procs: Sequence[Running], *, grace_s: float = DEFAULT_GRACE_S,
                    on_progress: Callable[[str, Running, str], None] | None = None) -> list[Running]:
-    """Stop processes group by group (highest ``group`` first); returns those that had to be
-    killed with SIGKILL."""
+    """Stop processes group by group (highest ``stop_order`` first); returns those that had to
+    be killed with SIGKILL."""
     on_progress = on_progress or (lambda *_: None)
     killed: list[Running] = []
-    for group in sorted({p.spec.group for p in procs}, reverse=True):
-        batch = [p for p in procs if p.spec.group == group]
+    for group in sorted({p.spec.stop_order for p in procs}, reverse=True):
+        batch = [p for p in procs if p.spec.stop_order == group]
         live = [p for p in batch if _group_alive(p)]
         for p in live:
             on_progress("stopping", p, "SIGTERM")
@@ -664,14 +672,19 @@ def stop_processes(procs: Sequence[Running], *, grace_s: float = DEFAULT_GRACE_S
 # ports
 
 
-def port_free(host: str, port: int) -> bool:
-    """True if nothing listens on host:port and we may bind it."""
+def port_free(host: str, port: int) -> bool | None:
+    """True if we may bind host:port now, False if something holds it, None if the address
+    is not one of this host's (another machine's or network namespace's: cannot tell)."""
+    import errno
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return None
             return False
     return True
 
@@ -708,12 +721,15 @@ class UpOptions:
     controller: bool = True
     bus: str | None = None
     db: str | None = None
-    broker_host: str = "127.0.0.1"
+    broker_host: str | None = None  # None: the controller's host (deployment.controller)
     broker_port: int = 0  # 0: any free port
     python: str = sys.executable
     log_level: str = "INFO"
     extra_controller_args: list[str] = field(default_factory=list)
     extra_agent_args: list[str] = field(default_factory=list)
+    # Commands put in front of a node's agent, e.g. {"KM2": ["ip", "netns", "exec", "km2"]} to run
+    # it in its own network namespace (the multi-host test does that).
+    node_prefix: dict[str, list[str]] = field(default_factory=dict)
 
     def pki_dir(self) -> Path | None:
         if self.insecure_dev:
@@ -757,11 +773,22 @@ def restconf_url(network: Any, node: str, insecure_dev: bool) -> str:
     return f"{scheme}://{host}:{n.km_port}/restconf/data/etsi-qkd-sdn-node:qkd_node"
 
 
-def broker_spec(opts: UpOptions) -> ProcessSpec:
-    argv = [opts.python, "-m", "qkdsdn.bus", "broker", "--host", opts.broker_host, "--port", str(opts.broker_port)]
+def broker_spec(opts: UpOptions, network: Any = None) -> ProcessSpec:
+    """The embedded MQTT broker as a process. With TLS it serves mqtts with the controller's
+    certificate (the broker belongs to the control plane) and admits only clients with a
+    certificate of the network's CA: mutual TLS on the bus too."""
+    host = opts.broker_host or (network.deployment.controller_host if network is not None else "127.0.0.1")
+    argv = [opts.python, "-m", "qkdsdn.bus", "broker", "--host", host, "--port", str(opts.broker_port)]
+    pki_dir = opts.pki_dir()
+    if pki_dir is not None:
+        from qkdsdn.pki import PkiLayout
+
+        layout = PkiLayout(pki_dir)
+        cert, key = layout.controller()
+        argv += ["--cert", str(cert), "--key", str(key), "--ca", str(layout.ca_cert)]
     return ProcessSpec(name="broker", role="broker", argv=argv, group=0,
                        probe=LogLineProbe(r"listening on (?P<url>mqtts?://\S+)"),
-                       address=f"{opts.broker_host}:{opts.broker_port or 'auto'}")
+                       address=f"{host}:{opts.broker_port or 'auto'}")
 
 
 def twin_spec(network: Any, opts: UpOptions, admin_port: int | None = None) -> ProcessSpec:
@@ -788,12 +815,20 @@ def twin_spec(network: Any, opts: UpOptions, admin_port: int | None = None) -> P
 
 
 def controller_spec(network: Any, opts: UpOptions, bus_url: str) -> ProcessSpec:
+    """The controller; ready when its operator REST API answers /api/v1/health over (mutual) TLS.
+    A 503 ("degraded": e.g. no key manager discovered yet, as the agents start after it) counts as
+    up: the process serves."""
     d = network.deployment
     rest = f"{d.controller_host}:{d.controller_port}"
     argv = qkdsdn_argv(opts.python, "controller", str(opts.network_file), "--db", opts.db_url(),
                        "--bus", bus_url, *security_args(opts), "--rest", rest, *opts.extra_controller_args)
-    return ProcessSpec(name="controller", role="controller", argv=argv, group=1,
-                       probe=TCPProbe(d.controller_host, d.controller_port), address=rest)
+    host = f"[{d.controller_host}]" if ":" in d.controller_host else d.controller_host
+    scheme = "http" if opts.insecure_dev else "https"
+    probe = HTTPProbe(f"{scheme}://{host}:{d.controller_port}/api/v1/health", expect=(200, 503),
+                      **operator_probe_args(opts))
+    # Started after the agents, stopped just after them: agents never wait for a gone controller.
+    return ProcessSpec(name="controller", role="controller", argv=argv, group=3, stop_group=2, probe=probe,
+                       address=rest)
 
 
 def agent_spec(network: Any, opts: UpOptions, node: str, bus_url: str | None) -> ProcessSpec:
@@ -802,26 +837,28 @@ def agent_spec(network: Any, opts: UpOptions, node: str, bus_url: str | None) ->
                        "--state-dir", str(state_dir), "--log-level", opts.log_level.upper())
     if bus_url is not None:
         argv += ["--bus", bus_url]
-    argv += opts.extra_agent_args
+    argv = [*opts.node_prefix.get(node, []), *argv, *opts.extra_agent_args]
     probe = HTTPProbe(restconf_url(network, node, opts.insecure_dev), **operator_probe_args(opts))
-    return ProcessSpec(name=f"agent-{node}", role="agent", argv=argv, group=2, probe=probe, node=node,
-                       address=network.node(node).km_address)
+    return ProcessSpec(name=f"agent-{node}", role="agent", argv=argv, group=2, stop_group=3, probe=probe,
+                       node=node, address=network.node(node).km_address)
 
 
 def plan_network(network: Any, opts: UpOptions, *, bus_url: str | None = None,
                  twin_admin_port: int | None = None) -> list[ProcessSpec]:
-    """The processes of a network, in start groups: broker (0), twin and controller (1),
-    agents (2). With the embedded broker, ``bus_url`` is only known once the broker runs:
-    call with ``bus_url=None`` for group 0 and again with its URL (see ``start_network``)."""
+    """The processes of a network, in start groups: broker (0), twin (1), agents (2),
+    controller (3) — last, so that its first discovery round finds every key manager serving
+    (agents need only the bus to start; the broker keeps their messages). With the embedded
+    broker, ``bus_url`` is only known once the broker runs: ``NetworkRun`` starts it first and
+    plans the rest with its URL."""
     specs: list[ProcessSpec] = []
     if any(link.device is not None for link in network.links):
         specs.append(twin_spec(network, opts, twin_admin_port))
-    if opts.controller:
-        if bus_url is None:
-            raise ValueError("the controller and the agents need the bus URL")
-        specs.append(controller_spec(network, opts, bus_url))
+    if opts.controller and bus_url is None:
+        raise ValueError("the controller and the agents need the bus URL")
     for node in network.nodes:
         specs.append(agent_spec(network, opts, node.name, bus_url if opts.controller else None))
+    if opts.controller:
+        specs.append(controller_spec(network, opts, bus_url))
     return specs
 
 
@@ -900,8 +937,8 @@ def listener_conflicts(network: Any, opts: UpOptions) -> list[str]:
         wanted.append((d.controller_host, d.controller_port, "controller REST API"))
     out = []
     for host, port, what in wanted:
-        with contextlib.suppress(OSError):
-            if not port_free(host, port):
+        with contextlib.suppress(OSError):  # e.g. a host name that does not resolve here
+            if port_free(host, port) is False:
                 out.append(f"{host}:{port} ({what}) is in use")
     return out
 
@@ -987,6 +1024,7 @@ class NetworkRun:
             pki_dir = opts.pki_dir()
             if pki_dir is not None:
                 self._ensure_pki(pki_dir)
+                self._enrol_applications(pki_dir)
             conflicts = listener_conflicts(self.network, opts)
             if conflicts:
                 raise LaunchError("cannot start: " + "; ".join(conflicts)
@@ -1004,12 +1042,14 @@ class NetworkRun:
             self.launcher.save_state("starting")
             if opts.controller:
                 if opts.bus is None:
-                    broker = self.launcher.start([broker_spec(opts)])[0]
+                    broker = self.launcher.start([broker_spec(opts, self.network)])[0]
                     self.bus_url = broker.found["url"]
                 else:
                     self.bus_url = opts.bus
                 self.launcher.state["bus"] = self.bus_url
             self.launcher.start(plan_network(self.network, opts, bus_url=self.bus_url))
+            if opts.controller:
+                self._wait_discovery()
             self.launcher.save_state("running")
         except BaseException:
             if self.launcher is not None:
@@ -1017,6 +1057,81 @@ class NetworkRun:
             self._unlock()
             raise
         return self
+
+    def _wait_discovery(self) -> None:
+        """Until the controller has discovered every key manager: its health report
+        (GET /api/v1/health, checks.SDNControllerApp.nodes) says "up" for each node. A report
+        without that part (another controller version) is not waited for."""
+        controller = next(p for p in self.launcher.processes if p.spec.role == "controller")
+        probe = controller_spec(self.network, self.opts, self.bus_url or "").probe
+        assert isinstance(probe, HTTPProbe)
+        deadline = time.monotonic() + self.ready_timeout_s
+        names = {n.name for n in self.network.nodes}
+        session = probe._get_session()  # noqa: SLF001 — the same authenticated session as the probe
+        last_report = 0.0
+        try:
+            while True:
+                if self.stop_event.is_set():
+                    raise LaunchError("start interrupted")
+                if not controller.alive():
+                    raise LaunchError(f"controller exited with status {controller.returncode} "
+                                      f"(log {controller.log_path}):\n{log_tail(controller.log_path)}")
+                nodes = None
+                try:
+                    report = session.get(probe.url, timeout=probe.timeout).json()
+                    nodes = report["checks"]["SDNControllerApp"]["nodes"]
+                except (KeyError, TypeError, ValueError):
+                    return  # no discovery report to wait for
+                except Exception:  # noqa: BLE001 — connection trouble: try again until the deadline
+                    nodes = {}
+                if not isinstance(nodes, dict):
+                    return
+                missing = sorted(n for n in names if nodes.get(n) != "up")
+                if not missing:
+                    return
+                now = time.monotonic()
+                if now > deadline:
+                    raise LaunchError(f"the controller has not discovered {', '.join(missing)} after "
+                                      f"{self.ready_timeout_s:g} s (log {controller.log_path})")
+                if now - last_report > 1.0:
+                    last_report = now
+                    self.launcher.on_progress("waiting", controller, "discovery of " + ", ".join(missing))
+                self.stop_event.wait(0.2)
+        finally:
+            probe.close()
+
+    def _enrol_applications(self, pki_dir: Path) -> None:
+        """Applications without ``cert_sha256`` in the network file get the fingerprint of their
+        certificate in the PKI, in RUN_DIR/network.yaml: access control (the controller's, and the
+        agents' local one) identifies applications by that fingerprint, as the operator would enrol
+        them by hand ('qkdsdn pki init' prints them; docs/network-file.md)."""
+        import yaml
+
+        from db.netfile import load
+        from qkdsdn.pki import PkiLayout
+
+        missing = [a.sae_id for a in self.network.applications if not a.cert_sha256]
+        if not missing:
+            return
+        layout = PkiLayout(pki_dir)
+        source = Path(self.opts.network_file)
+        data = yaml.safe_load(source.read_text())
+        enrolled = 0
+        for item in data.get("applications") or []:
+            if item.get("sae_id") in missing:
+                cert, _key = layout.app(item["sae_id"])
+                if cert.is_file():
+                    item["cert_sha256"] = layout.fingerprint(cert)
+                    enrolled += 1
+        if not enrolled:
+            return
+        out = self.run_dir.path / "network.yaml"
+        header = (f"# {self.source_file.name} as started by qkdsdn up: applications enrolled with the "
+                  f"fingerprints of their certificates in {pki_dir}"
+                  + (", listeners on free ports" if self.free_ports else "") + "\n")
+        out.write_text(header + yaml.safe_dump(data, sort_keys=False))
+        self.opts.network_file = out
+        self.network = load(out)
 
     def _ensure_pki(self, pki_dir: Path) -> None:
         from qkdsdn.pki import PkiError, PkiLayout, init_pki
@@ -1090,7 +1205,7 @@ def down(run_dir: RunDir, *, grace_s: float = DEFAULT_GRACE_S,
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(launcher_pid, signal.SIGTERM)
         # The launcher stops its children group by group, each within the grace period.
-        groups = len({p.get("group", 0) for p in state.get("processes", [])}) or 1
+        groups = len({p.get("stop_group", p.get("group", 0)) for p in state.get("processes", [])}) or 1
         deadline = time.monotonic() + grace_s * (groups + 1)
         while process_alive(launcher_pid, launcher_ticks) and time.monotonic() < deadline:
             time.sleep(POLL_S)

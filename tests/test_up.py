@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,8 @@ import yaml
 from qkdsdn.launch import (AllOf, Launcher, LaunchError, LogLineProbe, ProcessSpec, RunDir, TCPProbe,
                            controller_available, free_ports, listener_conflicts, process_alive,
                            relocate_to_free_ports, UpOptions)
-from up_helpers import (EXAMPLES, UpProcess, alive, clients, exchange_keys, qkdsdn, renamed_copy, wait_gone)
+from up_helpers import (EXAMPLES, UpProcess, alive, clients, exchange_keys, qkdsdn, renamed_copy, wait_gone,
+                        wait_pools)
 
 PY = sys.executable
 MQTT_URL = os.environ.get("QKDSDN_TEST_MQTT_URL")
@@ -226,6 +228,7 @@ def test_up_status_second_up_and_down_without_controller(tmp_path):
         assert names == ["twin"] + [f"agent-KM{i}" for i in range(6)]
         assert all((run_dir / "logs" / f"{n}.log").is_file() for n in names)
         moved = run_dir / "network.yaml"
+        wait_pools(run_dir, moved)
         make = clients(moved, state)
         exchange_keys(make, "SAE-KM2", "SAE-KM3")  # relayed through KM0
         exchange_keys(make, "SAE-KM4", "SAE-KM5")  # adjacent
@@ -263,6 +266,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
     try:
         state = up.wait_running()
         assert not state["tls"] and len(state["processes"]) == 7
+        wait_pools(run_dir, run_dir / "network.yaml")
         exchange_keys(clients(run_dir / "network.yaml", state), "SAE-N0", "SAE-N5")  # four trusted nodes
         pids = up.pids()
         os.kill(up.proc.pid, signal.SIGINT)
@@ -355,6 +359,7 @@ def run_controller_mode(tmp_path, example: str, extra: list[str]) -> dict:
     up = UpProcess([str(net), "--free-ports", *extra], tmp_path, run_dir)
     try:
         state = up.wait_running()
+        wait_pools(run_dir, run_dir / "network.yaml")
         make = clients(run_dir / "network.yaml", state)
         for src, dst in PAIRS[example]:
             exchange_keys(make, src, dst)
@@ -374,7 +379,7 @@ def run_controller_mode(tmp_path, example: str, extra: list[str]) -> dict:
 def test_controller_mode_on_the_embedded_defaults(tmp_path, example):
     state = run_controller_mode(tmp_path, example, [])
     names = [p["name"] for p in state["processes"]]
-    assert names[:3] == ["broker", "twin", "controller"] and len(names) == 3 + 6
+    assert names[:2] == ["broker", "twin"] and names[-1] == "controller" and len(names) == 3 + 6
     assert state["bus_kind"] == "embedded" and state["db"].startswith("sqlite:///")
 
 
@@ -384,5 +389,95 @@ def test_controller_mode_on_the_embedded_defaults(tmp_path, example):
 def test_controller_mode_on_mosquitto_and_postgresql(tmp_path, example, pg_schema_url):
     state = run_controller_mode(tmp_path, example, ["--bus", MQTT_URL, "--db", pg_schema_url])
     names = [p["name"] for p in state["processes"]]
-    assert "broker" not in names and names[:2] == ["twin", "controller"]
+    assert "broker" not in names and names[0] == "twin" and names[-1] == "controller"
     assert state["bus"] == MQTT_URL and state["bus_kind"] == "external" and state["db"] == pg_schema_url
+
+
+# =============================================================================================
+# docs/deploy.md: the Mosquitto configuration it gives, run as written
+
+
+def deploy_block(name: str) -> str:
+    """The fenced block after ``<!-- deploy-test: NAME -->`` in docs/deploy.md."""
+    text = (EXAMPLES.parent / "docs" / "deploy.md").read_text()
+    marker = f"<!-- deploy-test: {name} -->"
+    assert marker in text, marker
+    after = text[text.index(marker) + len(marker):]
+    start = after.index("```")
+    body_start = after.index("\n", start) + 1
+    return after[body_start:after.index("```", body_start)]
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None or shutil.which("openssl") is None,
+                    reason="mosquitto or openssl is not installed")
+def test_deploy_doc_mosquitto_has_mutual_tls_and_per_node_acl(tmp_path):
+    import time
+
+    from db.netfile import load
+    from qkdsdn.bus import BusError, make_bus
+    from qkdsdn.launch import stop_processes
+    from qkdsdn.pki import PkiLayout, init_pki
+
+    init_pki(load(EXAMPLES / "paper-poc.yaml"), tmp_path / "pki")
+    layout = PkiLayout(tmp_path / "pki")
+    script = deploy_block("broker-cert").replace('SAN="DNS:mqtt.example.net"', 'SAN="IP:127.0.0.1"')
+    assert 'SAN="IP:127.0.0.1"' in script
+    subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, check=True, capture_output=True)
+    port = free_ports(1)[0]
+    (tmp_path / "mq").mkdir()
+    conf = (deploy_block("mosquitto-conf")
+            .replace("/etc/mosquitto/qkdsdn/acl", str(tmp_path / "acl"))
+            .replace("/etc/mosquitto/qkdsdn/", str(tmp_path / "pki") + "/")
+            .replace("/var/lib/mosquitto/", str(tmp_path / "mq") + "/")
+            .replace("listener 8883", f"listener {port} 127.0.0.1"))
+    if os.geteuid() == 0:  # mosquitto started by root drops to user "mosquitto", who cannot read tmp_path
+        conf = "user root\n" + conf
+    (tmp_path / "mosquitto.conf").write_text(conf)
+    (tmp_path / "acl").write_text(deploy_block("mosquitto-acl"))
+    launcher = Launcher(RunDir(tmp_path / "run"), grace_s=10)
+    buses = []
+    url = f"mqtts://127.0.0.1:{port}"
+
+    def connect(client_id, party):
+        cert, key = party
+        bus = make_bus(url, client_id, tls=(str(layout.ca_cert), str(cert), str(key)))
+        buses.append(bus)
+        assert bus.wait_connected(10), client_id
+        return bus
+
+    try:
+        launcher.start([ProcessSpec("mosquitto", "broker", ["mosquitto", "-c", str(tmp_path / "mosquitto.conf")],
+                                    probe=TCPProbe("127.0.0.1", port))])
+        controller = connect("paper-poc-controller", layout.controller())
+        km0 = connect("paper-poc-agent-KM0", layout.node("KM0"))
+        km1 = connect("paper-poc-agent-KM1", layout.node("KM1"))
+        got: dict[str, list] = {"km0": [], "km1": [], "km1-spy": [], "replies": []}
+        km0.subscribe("qkdsdn/paper-poc/km/KM0/config", lambda t, p: got["km0"].append(p["n"]))
+        km1.subscribe("qkdsdn/paper-poc/km/KM1/config", lambda t, p: got["km1"].append(p["n"]))
+        try:  # KM1 may not read KM0's configuration: refused at subscribe, or never delivered
+            km1.subscribe("qkdsdn/paper-poc/km/KM0/config", lambda t, p: got["km1-spy"].append(p["n"]))
+        except BusError:
+            pass
+        controller.subscribe("qkdsdn/paper-poc/km/+/reply", lambda t, p: got["replies"].append((t, p["n"])))
+        controller.publish("qkdsdn/paper-poc/km/KM0/config", {"n": 1})
+        controller.publish("qkdsdn/paper-poc/km/KM1/config", {"n": 2})
+        km0.publish("qkdsdn/paper-poc/km/KM1/reply", {"n": 3})  # impersonating KM1: dropped by the broker
+        km0.publish("qkdsdn/paper-poc/km/KM0/reply", {"n": 4})
+        for bus in (controller, km0):
+            assert bus.flush(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (got["km0"] and got["km1"] and got["replies"]):
+            time.sleep(0.05)
+        # Each barrier message came after the forbidden one from the same publisher: had the
+        # forbidden one been delivered, it would have arrived first.
+        assert got["km0"] == [1] and got["km1"] == [2] and got["km1-spy"] == []
+        assert got["replies"] == [("qkdsdn/paper-poc/km/KM0/reply", 4)]
+        # without a client certificate of the network's CA there is no connection at all
+        anonymous = make_bus(url, "paper-poc-nobody", tls=(str(layout.ca_cert), None, None))
+        buses.append(anonymous)
+        assert not anonymous.wait_connected(3)
+    finally:
+        for bus in buses:
+            bus.close()
+        stop_processes(launcher.processes, grace_s=10)
+        launcher.stop()

@@ -122,6 +122,28 @@ def clients(network_file: Path, state: dict):
     return make
 
 
+def wait_pools(run_dir: Path, network_file: Path, bits: int = 8 * 1024, timeout: float = 60.0) -> None:
+    """Until both ends of every link hold ``bits`` of link key (read from the agents' key stores):
+    an intermediate key manager short of link key fails a relayed request instead of queueing it."""
+    from db.netfile import load
+    from qkdsdn.commands.up import pool_levels
+
+    network = load(network_file)
+    deadline = time.monotonic() + timeout
+    while True:
+        short = []
+        for link in network.links:
+            for node in link.ends:
+                levels = pool_levels(Path(run_dir) / "state" / node, node) or {}
+                if sum(levels.get(link.qkdl_id, {}).values()) < bits:
+                    short.append(f"{link.name}@{node}")
+        if not short:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"link-key pools still short after {timeout} s: {', '.join(short)}")
+        time.sleep(0.1)
+
+
 def exchange_keys(make_client, source: str, destination: str, count: int = 2) -> list[bytes]:
     """OPEN_CONNECT at both ends, ``count`` keys fetched at both ends (asserted identical), CLOSE."""
     from agents.client import QoS

@@ -306,7 +306,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       f"{len(network.links)} links), {'controller + bus' if opts.controller else 'local control plane'}, "
                       f"{'mutual TLS' if not opts.insecure_dev else 'plain HTTP'}; run directory {run_dir}")
         with StartDisplay(console, interactive) as display:
-            run = NetworkRun(opts, free_ports=moved, on_progress=display, stop_event=stop, grace_s=5.0)
+            run = NetworkRun(opts, free_ports=moved, on_progress=display, stop_event=stop)
             atexit.register(run.stop)
             try:
                 run.start()
@@ -325,6 +325,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if stop.is_set():
                 return 130
             console.print("[yellow]some link-key pools are still empty; requests wait for key material[/]")
+        t_pools = time.monotonic()
         results = [PairResult(src, dst, str(uuid.uuid4())) for src, dst in pairs]
         make_client = _clients(network, state)
         label = {r.ksid: f"{apps[r.source].node} → {apps[r.destination].node}" for r in results}
@@ -335,7 +336,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         if run is not None:
             console.print("stopping the network")
+            t_stop = time.monotonic()
             run.stop()
+            t_stopped = time.monotonic()
         restore_handlers(previous)
 
     ksids = {r.ksid for r in results}
@@ -363,8 +366,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"[red]no figure: {exc}[/]")
     ok = all(r.ok for r in results)
     verdict = "[green]every pair got identical keys[/]" if ok else "[red]some pairs failed[/]"
-    console.print(f"{verdict}; keys in {t_done - t_ready:.2f} s, total wall time "
-                  f"{time.monotonic() - t_start:.1f} s; logs in {run_dir / 'logs'}")
+    console.print(f"{verdict}. Wall time {time.monotonic() - t_start:.1f} s: network up {t_ready - t_start:.1f} s, "
+                  f"link-key pools {t_pools - t_ready:.1f} s, key requests {t_done - t_pools:.2f} s, "
+                  f"stop {t_stopped - t_stop:.1f} s; logs in {run_dir / 'logs'}")
     return 0 if ok else 1
 
 
@@ -425,9 +429,10 @@ def _print_pair(r: PairResult, route: list[str], events: list[dict], t0: float) 
         times = first_times(events, r.ksid, node, STAGES)
         rows.append([node] + [None if k not in times else f"{(times[k] - t0) * 1000:.1f}" for k in STAGES])
     if r.ok:
-        verdict = f"identical keys: {len(r.keys)} × yes"
+        verdict = f"identical keys at both ends ({len(r.keys)} of {len(r.keys)})"
     else:
         verdict = f"FAILED: {r.error or 'keys differ'}"
-    print_table(f"{r.source} ⇄ {r.destination}  KSID {r.ksid}  route {' → '.join(route)}  ({verdict}); "
-                "event times in ms", ["key manager", *STAGE_TITLES], rows, right=STAGE_TITLES)
+    print(f"\n{r.source} ⇄ {r.destination}: route {' → '.join(route)}, KSID {r.ksid}, {verdict}")
+    print_table("event times, ms from the first request", ["key manager", *STAGE_TITLES], rows,
+                right=STAGE_TITLES)
     sys.stdout.flush()
