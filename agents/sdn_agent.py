@@ -721,6 +721,16 @@ class Datastore:
     def delete_applications(self) -> None:
         self.state._transact(self.handler, lambda links, apps: apps.clear())
 
+    def transact(self, mutate: Callable[[dict[str, m.Link], dict[str, m.Application]], Any]) -> Any:
+        """Run ``mutate(links, apps)`` as one transaction and return what it returns.
+
+        ``links`` / ``apps`` are copies of the stored entries keyed by ``qkdl_id`` /
+        ``app_id``; ``mutate`` changes them in place (or raises DatastoreError to refuse).
+        The result is checked and applied like any other write: all or nothing. For
+        writers that change several entries at once, such as a bus configuration
+        (a ``qkd_app`` and its VIRT ``qkd_link`` together, agents/buscontrol.py)."""
+        return self.state._transact(self.handler, mutate)
+
 
 def _pick(links: bool, cur_links: dict, cur_apps: dict) -> tuple[dict, Callable[[str], str], str]:
     return (cur_links, link_path, "qkd_link") if links else (cur_apps, app_path, "qkd_app")
@@ -906,7 +916,7 @@ _DECODERS = {"qkd_links": codec.decode_links, "qkd_link": codec.decode_link,
 
 def restconf_blueprint(state: NodeState, handler: SessionConfigHandler,
                        authorize: Callable[[dict, str, str], bool], *,
-                       name: str = "etsi015_restconf") -> Blueprint:
+                       name: str = "etsi015_restconf", datastore: Datastore | None = None) -> Blueprint:
     """The ETSI 015 RESTCONF server of ``state`` as a Flask blueprint.
 
     ``authorize(environ, method, path)`` runs before every ``/restconf`` request:
@@ -916,9 +926,14 @@ def restconf_blueprint(state: NodeState, handler: SessionConfigHandler,
     ``qkd_links`` / ``qkd_applications`` and their entries (POST, PUT, PATCH,
     DELETE), and the RFC 8040 discovery resources (``/.well-known/host-meta``,
     ``/restconf``, ``/restconf/yang-library-version``).
+
+    ``datastore``: the node's Datastore when other writers (the bus) share it; it must
+    be over ``state`` with ``handler``. Default: a Datastore of its own.
     """
+    if datastore is not None and (datastore.state is not state or datastore.handler is not handler):
+        raise ValueError("the datastore must be over the same NodeState and handler as the blueprint")
     bp = Blueprint(name, __name__)
-    store = Datastore(state, handler)
+    store = datastore if datastore is not None else Datastore(state, handler)
 
     def respond(doc: Any, status: int = 200, headers: dict | None = None) -> Response:
         if doc is None:

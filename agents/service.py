@@ -35,6 +35,7 @@ from agents.keystore import InsufficientKey, KeyRefError, KeyStore, SessionKeyCo
 from agents.linkkeys import LinkKeyProtocolError, LinkKeyWorker
 from agents.sdn_agent import (ConfigRejected, NodeState, SessionConfig as WireConfig, etsi_from_config,
                               restconf_blueprint)
+from agents.sdn_agent import Datastore
 from db.netfile import Link, Network
 from etsi015 import model as e015
 
@@ -102,7 +103,7 @@ class KeyManagerAgent:
     def __init__(self, network: Network, node: str, *, state_dir: str | Path, pki: Any = None,
                  insecure_dev: bool = False, control: ControlPlane | None = None, host: str | None = None,
                  port: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 link_workers: bool = True, pool_max_bits: int = 8 * 2 ** 20):
+                 link_workers: bool = True, pool_max_bits: int = 8 * 2 ** 20, bus: Any = None):
         from qkdsdn.pki import PkiLayout
 
         if pki is None and not insecure_dev:
@@ -141,6 +142,19 @@ class KeyManagerAgent:
         self._event_subscribers: list[Callable[[dict], None]] = []
         self.peers = {n.name: self._make_peer(n.name) for n in network.nodes if n.name != node}
         self.node_state = NodeState.from_network(network, node)
+        # The one Datastore of this node: RESTCONF writes and bus configuration go through it.
+        self.datastore = Datastore(self.node_state, self)
+        # With a bus (qkdsdn.bus.Bus) a controller runs: access and admission control are reached over it
+        # (agents.buscontrol.BusControlPlane) and it configures this node over it (AgentBusLink).
+        self.bus = bus
+        self.bus_link = None
+        if bus is not None:
+            from agents.buscontrol import AgentBusLink, BusControlPlane
+            from qkdsdn.bus import Topics
+
+            topics = Topics(network.name)
+            control = control or BusControlPlane(bus, topics, node)
+            self.bus_link = AgentBusLink(self, bus, topics, datastore=self.datastore)
         self.control = control or LocalControlPlane(network, node, push=self._push_config,
                                                     remove=self._remove_config, forward=self._forward_control,
                                                     clock=clock)
@@ -176,11 +190,15 @@ class KeyManagerAgent:
             t = threading.Thread(target=target, name=f"km-{self.name}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.bus_link is not None:
+            self.bus_link.start()
         self.node_state.set_node_status(e015.NodeStatus.OPERATING)
         self._emit_raw("agent_started", None, url=self.server.url)
         return self
 
     def stop(self) -> None:
+        if self.bus_link is not None:
+            self.bus_link.stop()  # the bus itself belongs to the caller
         self._stopping.set()
         self._wake.set()
         for worker in self.workers.values():
@@ -617,7 +635,7 @@ class KeyManagerAgent:
             # Without a controller, the admission authority (another agent) configures routes.
             return who.kind == "node" and isinstance(self.control, LocalControlPlane)
 
-        app.register_blueprint(restconf_blueprint(self.node_state, self, authorize))
+        app.register_blueprint(restconf_blueprint(self.node_state, self, authorize, datastore=self.datastore))
         from agents.api import register_application_apis, register_relay_api
 
         register_application_apis(app, self)

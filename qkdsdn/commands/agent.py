@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "run one node's agent: the virtual key manager (ETSI 004/014) and SDN agent (ETSI 015)"
 
@@ -18,6 +19,10 @@ event log in --state-dir.
 Until a controller runs, access and admission control are local: every agent
 reads the same network file and the key manager of a session's source
 application admits it and configures the route through the agents' RESTCONF.
+With --bus URL the controller's access and admission control are asked over
+the control-plane bus instead, the controller configures the node over it
+(km/<node>/config, the same datastore as RESTCONF), and the agent publishes
+its ETSI 015 notifications and events there (docs/controller.md).
 """
 
 EPILOG = """\
@@ -25,6 +30,7 @@ examples:
   qkdsdn pki init examples/paper-poc.yaml --out pki
   qkdsdn twin examples/paper-poc.yaml --pki pki &
   qkdsdn agent examples/paper-poc.yaml --node KM0 --pki pki --state-dir run/KM0
+  qkdsdn agent examples/paper-poc.yaml --node KM0 --pki pki --bus mqtts://broker.example:8883
 """
 
 
@@ -40,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "X-QKDSDN-Dev-Identity header")
     p.add_argument("--state-dir", metavar="DIR", default=None,
                    help="key store and event log (default: ./qkdsdn-state/NODE)")
+    p.add_argument("--bus", metavar="URL", default=None,
+                   help="a controller runs: reach it over this control-plane bus (mqtt://HOST:PORT; "
+                        "mqtts://HOST:PORT with the node's certificate from --pki; 'embedded' or 'local' "
+                        "for a bus inside this process). Default: the local control plane")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=cmd_agent)
 
@@ -63,9 +73,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from agents.service import KeyManagerAgent
 
     state = Path(args.state_dir or Path("qkdsdn-state") / args.node)
+    bus = _make_bus(args, network) if args.bus else None
     try:
-        agent = KeyManagerAgent(network, args.node, state_dir=state, pki=args.pki, insecure_dev=args.insecure_dev)
+        agent = KeyManagerAgent(network, args.node, state_dir=state, pki=args.pki, insecure_dev=args.insecure_dev,
+                                bus=bus)
     except (ValueError, OSError) as exc:
+        if bus is not None:
+            bus.close()
         raise CommandError(str(exc)) from None
     if args.insecure_dev:
         logging.getLogger("qkdsdn.agent").warning(
@@ -79,4 +93,37 @@ def cmd_agent(args: argparse.Namespace) -> int:
         stop.wait()
     finally:
         agent.stop()
+        if bus is not None:
+            bus.close()
     return 0
+
+
+def _make_bus(args: argparse.Namespace, network):
+    """The agent's bus: client id and status topic from agents.buscontrol; for mqtts:// the node's
+    certificate and the network's CA from --pki (without --pki: the system CAs, no client certificate)."""
+    import logging
+
+    from agents.buscontrol import agent_client_id, agent_process_name
+    from qkdsdn.bus import BusError, Topics, make_bus
+    from qkdsdn.cli import CommandError
+
+    topics = Topics(network.name)
+    tls = None
+    if args.bus.startswith("mqtts://") and args.pki:
+        from qkdsdn.pki import PkiLayout
+
+        layout = PkiLayout(args.pki)
+        cert, key = layout.node(args.node)
+        for path in (layout.ca_cert, cert, key):
+            if not Path(path).is_file():
+                raise CommandError(f"--bus {args.bus}: {path} is missing (run 'qkdsdn pki init')")
+        tls = (str(layout.ca_cert), str(cert), str(key))
+    try:
+        bus = make_bus(args.bus, agent_client_id(network.name, args.node), tls=tls,
+                       status_topic=topics.status(agent_process_name(args.node)))
+    except (ValueError, OSError, BusError) as exc:
+        raise CommandError(f"--bus {args.bus}: {exc}") from None
+    if not bus.wait_connected(10.0):
+        logging.getLogger("qkdsdn.agent").warning(
+            "bus %s not reachable yet: the agent keeps trying in the background", args.bus)
+    return bus
