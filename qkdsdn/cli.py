@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "qkdsdn.commands.pki",
     "qkdsdn.commands.twin",
     "qkdsdn.commands.agent",
+    "qkdsdn.commands.controller",
     "qkdsdn.commands.up",
     "qkdsdn.commands.demo",
     "qkdsdn.commands.timeline",
