@@ -281,14 +281,14 @@ def _watch(run, console, stop, *, live: bool, refresh: float) -> list:
     if live:
         from rich.live import Live
 
-        with Live(render_status(collect_status(state_reader())), console=console, refresh_per_second=4,
-                  transient=False) as view:
+        def view_now():
+            return render_status(collect_status(state_reader()), compact=True)
+
+        with Live(view_now(), console=console, refresh_per_second=4, transient=False) as view:
             while not stop.wait(refresh):
-                dead = run.exited()
-                if dead:
-                    view.update(render_status(collect_status(state_reader())))
+                view.update(view_now())
+                if run.exited():
                     break
-                view.update(render_status(collect_status(state_reader())))
     else:
         console.print(render_status(collect_status(state_reader())))
         sys.stdout.flush()
@@ -576,7 +576,8 @@ def _table(title: str, columns: list[str], rows: list[list[Any]], right: tuple[s
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False,
+                  title_style="bold")
     for col in columns:
         table.add_column(col, justify="right" if col in right else "left", no_wrap=True)
     for row in rows:
@@ -584,8 +585,10 @@ def _table(title: str, columns: list[str], rows: list[list[Any]], right: tuple[s
     return table
 
 
-def render_status(status: dict):
-    """The status as rich renderables: processes, nodes, links, sessions."""
+def render_status(status: dict, *, compact: bool = False, max_sessions: int = 8):
+    """The status as rich renderables: processes, nodes, links, sessions. ``compact`` (the live
+    view): the agents appear in the node table, the other processes on one line, and at most
+    ``max_sessions`` sessions, so that it fits a terminal."""
     from rich.console import Group
     from rich.text import Text
 
@@ -597,14 +600,25 @@ def render_status(status: dict):
     parts: list[Any] = [head]
     if status.get("error"):
         parts.append(Text(status["error"], style="red"))
-    parts.append(_table("processes", ["process", "pid", "state", "address", "log"],
-                        [[p["name"], p["pid"], "running" if p["alive"] else "stopped", p["address"],
-                          Path(p["log"]).name] for p in status["processes"]], right=("pid",)))
+    procs = status["processes"]
+    agents = {p["node"]: p for p in procs if p["node"]}
+    if compact:
+        others = [f"{p['name']} {'running' if p['alive'] else 'STOPPED'} (pid {p['pid']})"
+                  for p in procs if not p["node"]]
+        up_agents = sum(1 for p in agents.values() if p["alive"])
+        parts.append(Text("processes: " + " · ".join(others + [f"{up_agents}/{len(agents)} agents running"])))
+    else:
+        parts.append(_table("processes", ["process", "pid", "state", "address", "log"],
+                            [[p["name"], p["pid"], "running" if p["alive"] else "stopped", p["address"],
+                              Path(p["log"]).name] for p in procs], right=("pid",)))
     if status.get("nodes"):
-        parts.append(_table("nodes", ["node", "address", "agent", "ETSI 015 status", "sessions"],
-                            [[n["node"], n["address"],
-                              None if n["process"] is None else ("running" if n["process"] else "stopped"),
-                              n["status"] or n["error"], n["sessions"]] for n in status["nodes"]],
+        rows = []
+        for n in status["nodes"]:
+            agent = agents.get(n["node"])
+            state = None if agent is None else ("running" if agent["alive"] else "stopped")
+            rows.append([n["node"], n["address"], state if not compact or agent is None
+                         else f"{state} ({agent['pid']})", n["status"] or n["error"], n["sessions"]])
+        parts.append(_table("nodes", ["node", "address", "agent", "ETSI 015 status", "sessions"], rows,
                             right=("sessions",)))
     if status.get("links"):
         rows = []
@@ -616,8 +630,10 @@ def render_status(status: dict):
         parts.append(_table("links", ["link", "ends", "status", "SKR", "QBER", "pool (master)", "pool (slave)"],
                             rows, right=("SKR", "QBER", "pool (master)", "pool (slave)")))
     sess = status.get("sessions") or []
+    shown = sess[:max_sessions] if compact else sess
     parts.append(_table(f"sessions ({len(sess)})", ["KSID", "source", "destination", "route", "rate", "status"],
                         [[s["ksid"], s["source"], s["destination"], " → ".join(s["route"]),
-                          human_bps(s["rate_bps"]), s["status"]] for s in sess], right=("rate",)))
+                          human_bps(s["rate_bps"]), s["status"]] for s in shown], right=("rate",)))
+    if len(shown) < len(sess):
+        parts.append(Text(f"… and {len(sess) - len(shown)} more ('qkdsdn status' lists them all)"))
     return Group(*parts)
-
