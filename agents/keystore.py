@@ -85,6 +85,9 @@ CREATE TABLE IF NOT EXISTS link_keys (
     UNIQUE (link, key_id)
 );
 CREATE INDEX IF NOT EXISTS link_keys_fifo ON link_keys (link, owner, state, seq);
+-- Pool levels are read on every filling round and key request: a covering index keeps
+-- them independent of how many consumed keys the table still remembers.
+CREATE INDEX IF NOT EXISTS link_keys_levels ON link_keys (link, state, owner, size, consumed);
 CREATE TABLE IF NOT EXISTS session_keys (
     ksid TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -332,6 +335,15 @@ class KeyStore:
                 raise
             db.execute("COMMIT")
 
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read: no write lock, no commit (levels are polled often)."""
+        with self._lock:
+            db = self._db
+            if db is None:
+                raise KeyStoreError(f"{self.path}: the key store is closed")
+            yield db
+
     def close(self) -> None:
         """Checkpoint the WAL (so old page images with key bytes leave it) and close."""
         with self._lock:
@@ -463,7 +475,7 @@ class KeyStore:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
-        with self._tx() as db:
+        with self._read() as db:
             return [(k, o, 8 * n) for k, o, n in db.execute(sql, args)]
 
     def known_keys(self, link: str, key_ids: Iterable[str]) -> dict[str, str]:
@@ -481,15 +493,15 @@ class KeyStore:
         if owner is not None:
             sql += " AND owner=?"
             args.append(_check_owner(owner))
-        with self._tx() as db:
+        with self._read() as db:
             return 8 * int(db.execute(sql, args).fetchone()[0])
 
     def pool_bits(self, link: str) -> int:
         """Bits the link's pool occupies: pending keys plus unconsumed bits of available ones."""
-        with self._tx() as db:
+        with self._read() as db:
             return 8 * int(db.execute(
-                "SELECT COALESCE(SUM(size - consumed), 0) FROM link_keys WHERE link=? AND state!='consumed'",
-                (link,)).fetchone()[0])
+                "SELECT COALESCE(SUM(size - consumed), 0) FROM link_keys WHERE link=? "
+                "AND state IN ('pending', 'available')", (link,)).fetchone()[0])
 
     def has_room(self, link: str, bits: int) -> bool:
         return self.pool_bits(link) + bits <= self.pool_max_bits
