@@ -43,6 +43,9 @@ DEFAULT_RATE_WINDOW_S = 10.0
 DEFAULT_MIN_BACKOFF_S = 0.05
 DEFAULT_MAX_BACKOFF_S = 2.0
 DEFAULT_FULL_POLL_S = 0.5
+# After a round that drained the device, let key accumulate for a while: rounds of a few
+# keys each would cost an HTTP exchange with the device and one with the slave per key.
+DEFAULT_ROUND_S = 0.25
 DEFAULT_BATCH = 1024  # keys per notification before the device's limit is known
 MAX_NOTIFY_KEYS = 8192  # bound on one notification's key list
 MSG_KEYS_NOT_FOUND = "one or more keys specified are not found on KME"  # ETSI GS QKD 014, clause 6
@@ -137,7 +140,7 @@ class PoolFiller:
     def __init__(self, role: str, *, pool_max_bits: int, now: float,
                  min_backoff_s: float = DEFAULT_MIN_BACKOFF_S, max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
                  full_poll_s: float = DEFAULT_FULL_POLL_S, max_batch: int | None = None,
-                 rate_window_s: float = DEFAULT_RATE_WINDOW_S):
+                 rate_window_s: float = DEFAULT_RATE_WINDOW_S, round_s: float = DEFAULT_ROUND_S):
         if role not in ROLES:
             raise ValueError(f"role must be 'master' or 'slave', got {role!r}")
         if pool_max_bits < 8:
@@ -151,6 +154,8 @@ class PoolFiller:
         self.min_backoff_s = float(min_backoff_s)
         self.max_backoff_s = float(max_backoff_s)
         self.full_poll_s = float(full_poll_s)
+        self.round_s = float(round_s)
+        self._drained = False
         self.max_batch = max_batch
         self.meter = RateMeter(rate_window_s, now=now)
         self.key_size: int | None = None  # bits, from the device status
@@ -222,6 +227,8 @@ class PoolFiller:
             self._progress()
 
     def on_fetched(self, now: float, number: int) -> None:
+        # A batch below the request limit drained the device: pace the next round.
+        self._drained = number < self.batch_limit()
         if self._device_keys is not None:
             self._device_keys = max(0, self._device_keys - number)
         self._progress()
@@ -240,6 +247,9 @@ class PoolFiller:
         self.meter.add(now, stored_bits)
         if resolved:
             self._progress()
+            if self._drained and self.round_s > 0:
+                self._drained = False
+                self._until, self._reason = now + self.round_s, "letting the device accumulate a batch"
         else:
             self._backoff(now, "the slave resolved none of the pending keys")
 

@@ -512,3 +512,22 @@ def test_workers_over_the_real_etsi014_driver_in_a_thread(tmp_path, twin_http):
         assert ms.stats()[QKDL]["master"]["stored"] == ms.stats()[QKDL]["slave"]["stored"]
         assert master.snapshot()["arrived_bits"] == slave.snapshot()["arrived_bits"] == pool + 3 * 256
         assert_identical_pools(ms, ss)
+
+
+def test_a_round_that_drains_the_device_paces_the_next_one():
+    f = PoolFiller("master", pool_max_bits=1 << 20, now=0.0, round_s=0.25)
+    assert isinstance(f.next_action(0.0, 0, 0), GetStatus)
+    f.on_status(0.0, status(stored=5, per_request=16))
+    fetch = f.next_action(0.0, 0, 0)
+    assert isinstance(fetch, Fetch) and fetch.number == 5
+    f.on_fetched(0.0, 5)
+    f.on_notified(0.0, 5 * 256, 5)
+    wait = f.next_action(0.01, 5 * 256, 0)
+    assert isinstance(wait, Wait) and wait.until == pytest.approx(0.25)
+    assert isinstance(f.next_action(0.25, 5 * 256, 0), GetStatus)
+    # A full batch (the device had more than one request's worth) goes on at once.
+    f.on_status(0.25, status(stored=100, per_request=16))
+    assert f.next_action(0.25, 5 * 256, 0).number == 16
+    f.on_fetched(0.25, 16)
+    f.on_notified(0.25, 16 * 256, 16)
+    assert not isinstance(f.next_action(0.25, 21 * 256, 0), Wait)
