@@ -689,12 +689,39 @@ def port_free(host: str, port: int) -> bool | None:
     return True
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports that are free now on ``host`` (the kernel picks them)."""
-    socks = []
+def _ephemeral_range() -> tuple[int, int] | None:
     try:
-        for _ in range(n):
-            s = socket.socket()
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports that are free now on ``host``. On Linux they are taken below the
+    kernel's ephemeral range (ip_local_port_range), where no outgoing connection's source port
+    can take them before our servers bind them; elsewhere the kernel picks them."""
+    import random
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        span = _ephemeral_range()
+        if span is not None and span[0] > 10000 + 4 * n:
+            candidates = list(range(10000, span[0]))
+            random.shuffle(candidates)
+            for port in candidates:
+                if len(socks) == n:
+                    break
+                s = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    s.close()
+                    continue
+                socks.append(s)
+        while len(socks) < n:
+            s = socket.socket(family, socket.SOCK_STREAM)
             s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
@@ -810,7 +837,8 @@ def twin_spec(network: Any, opts: UpOptions, admin_port: int | None = None) -> P
             host, _, port = address.rpartition(":")
             probes.append(TCPProbe(host.strip("[]"), int(port)))
     port = admin_port if admin_port is not None else default_admin_port(network)
-    return ProcessSpec(name="twin", role="twin", argv=argv, group=1, probe=AllOf(probes),
+    # Started with the broker (it needs nothing), stopped after everything that uses it.
+    return ProcessSpec(name="twin", role="twin", argv=argv, group=0, stop_group=1, probe=AllOf(probes),
                        address=f"admin 127.0.0.1:{port}")
 
 
@@ -845,11 +873,12 @@ def agent_spec(network: Any, opts: UpOptions, node: str, bus_url: str | None) ->
 
 def plan_network(network: Any, opts: UpOptions, *, bus_url: str | None = None,
                  twin_admin_port: int | None = None) -> list[ProcessSpec]:
-    """The processes of a network, in start groups: broker (0), twin (1), agents (2),
-    controller (3) — last, so that its first discovery round finds every key manager serving
-    (agents need only the bus to start; the broker keeps their messages). With the embedded
-    broker, ``bus_url`` is only known once the broker runs: ``NetworkRun`` starts it first and
-    plans the rest with its URL."""
+    """The processes of a network besides the embedded broker, in start groups: twin (0, with
+    the broker), agents (2), controller (3) — last, so that its first discovery round finds
+    every key manager serving (agents need only the bus to start; the broker keeps their
+    messages). They stop agents first, then controller, twin, broker. With the embedded broker,
+    ``bus_url`` is only known once the broker runs: ``NetworkRun`` starts group 0 first and plans
+    the rest with its URL."""
     specs: list[ProcessSpec] = []
     if any(link.device is not None for link in network.links):
         specs.append(twin_spec(network, opts, twin_admin_port))
@@ -1040,14 +1069,16 @@ class NetworkRun:
             self.launcher = Launcher(rd, grace_s=self.grace_s, ready_timeout_s=self.ready_timeout_s,
                                      on_progress=self.on_progress, stop_event=self.stop_event, state=state)
             self.launcher.save_state("starting")
+            # Group 0 (broker, twin) first: the agents' and controller's bus URL is known only
+            # once the embedded broker listens.
+            first = [broker_spec(opts, self.network)] if opts.controller and opts.bus is None else []
+            first += [s for s in plan_network(self.network, opts, bus_url="-") if s.group == 0]
+            started = {p.name: p for p in self.launcher.start(first)} if first else {}
             if opts.controller:
-                if opts.bus is None:
-                    broker = self.launcher.start([broker_spec(opts, self.network)])[0]
-                    self.bus_url = broker.found["url"]
-                else:
-                    self.bus_url = opts.bus
+                self.bus_url = started["broker"].found["url"] if opts.bus is None else opts.bus
                 self.launcher.state["bus"] = self.bus_url
-            self.launcher.start(plan_network(self.network, opts, bus_url=self.bus_url))
+            self.launcher.start([s for s in plan_network(self.network, opts, bus_url=self.bus_url)
+                                 if s.group > 0])
             if opts.controller:
                 self._wait_discovery()
             self.launcher.save_state("running")
