@@ -20,9 +20,11 @@ os-ken 4 has no ``osken-manager``; this module does its job for qkdsdn::
    without arguments) and has an ``os_ken.base.app_manager.AppManager`` load, instantiate and
    start the apps (``APP_MODULES``) on os-ken's native hub (plain threads; no eventlet).
 
-``stop()`` uninstantiates the apps in ``STOP_ORDER`` (the REST API first, so no request
-reaches a stopped app; routing last), then closes the RESTCONF sessions, the bus and the
-database engine. ``run()`` is the command form: start, wait for SIGINT/SIGTERM, stop.
+``stop()`` stops the REST API, disconnects the bus (what the apps have not handled stays
+unacknowledged in the controller's persistent MQTT session, and the broker keeps queueing for
+it), uninstantiates the other apps in ``STOP_ORDER`` (routing last: admission may still ask it),
+then closes the RESTCONF sessions and the database engine. ``run()`` is the command form:
+start, wait for SIGINT/SIGTERM, stop.
 """
 from __future__ import annotations
 
@@ -189,13 +191,26 @@ class Controller:
 
     def _teardown(self) -> None:
         manager, self.manager = self.manager, None
+
+        def uninstantiate(name: str) -> None:
+            if manager is not None and name in manager.applications:
+                try:
+                    manager.uninstantiate(name)
+                except Exception:  # noqa: BLE001 - the others must stop too
+                    log.exception("stopping %s failed", name)
+
+        # No new operator requests, then no new bus messages: the bus disconnects before the
+        # apps stop, so that what they did not handle stays unacknowledged in the controller's
+        # persistent session (and the broker keeps queueing for it) until the next start.
+        uninstantiate(REST_API)
+        if self.bus is not None:
+            try:
+                self.bus.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the bus failed")
+        for name in STOP_ORDER:
+            uninstantiate(name)
         if manager is not None:
-            for name in STOP_ORDER:
-                if name in manager.applications:
-                    try:
-                        manager.uninstantiate(name)
-                    except Exception:  # noqa: BLE001 - the others must stop too
-                        log.exception("stopping %s failed", name)
             try:
                 manager.close()
             except Exception:  # noqa: BLE001
@@ -205,12 +220,7 @@ class Controller:
         if self._restconf is not None:
             self._restconf.close()
             self._restconf = None
-        if self.bus is not None:
-            try:
-                self.bus.close()
-            except Exception:  # noqa: BLE001
-                log.exception("closing the bus failed")
-            self.bus = None
+        self.bus = None
         if self.engine is not None:
             self.engine.dispose()
             self.engine = None

@@ -131,6 +131,43 @@ def test_the_apps_are_plain_shells():
     assert len(APP_MODULES) == 5
 
 
+def test_rest_api_over_mutual_tls(tmp_path):
+    from qkdsdn.httpserver import https_session
+    from qkdsdn.pki import PkiLayout, hash_token, init_pki
+
+    path = network_file(tmp_path)
+    net = load(path)
+    init_pki(net, tmp_path / "pki")
+    pki = PkiLayout(tmp_path / "pki")
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"read {hash_token('reader-token-0123456789', iterations=1000)} dashboard\n")
+    d = net.deployment
+    with Controller(ControllerOptions(network=path, db_url=f"sqlite:///{tmp_path / 'c.db'}", bus_url="local",
+                                      pki=pki, rest=(d.controller_host, d.controller_port),
+                                      tokens_file=str(tokens), config=FAST)) as controller:
+        url = controller.rest_url
+        assert url == f"https://{d.controller_host}:{d.controller_port}"
+        # An operator certificate is an admin; a bearer token works without a client certificate.
+        with https_session(*pki.operator(), pki.ca_cert) as operator:
+            nodes = operator.get(f"{url}/api/v1/nodes", timeout=WAIT)
+            assert nodes.status_code == 200 and len(nodes.json()["items"]) == len(net.nodes)
+        with https_session(None, None, pki.ca_cert) as anonymous:
+            assert anonymous.get(f"{url}/api/v1/nodes", timeout=WAIT).status_code == 401
+            reader = anonymous.get(f"{url}/metrics", timeout=WAIT,
+                                   headers={"Authorization": "Bearer reader-token-0123456789"})
+            assert reader.status_code == 200 and "qkdsdn_monitoring_links" in reader.text
+        # An application's certificate is no operator's.
+        with https_session(*pki.app("SAE-KM2"), pki.ca_cert) as app:
+            assert app.get(f"{url}/api/v1/nodes", timeout=WAIT).status_code == 403
+        # Plain HTTP reaches no API.
+        try:
+            plain = requests.get(f"http://{d.controller_host}:{d.controller_port}/api/v1/health", timeout=WAIT)
+        except requests.exceptions.ConnectionError:
+            pass
+        else:
+            assert plain.status_code == 400 and "checks" not in plain.text
+
+
 # --------------------------------------------------------------------------- discovery of real agents
 
 
@@ -206,6 +243,8 @@ def test_command_errors(tmp_path):
     assert out.returncode == 2 and "HOST:PORT" in out.stderr
     out = run_cli("controller", str(path))
     assert out.returncode == 2 and "--pki" in out.stderr
+    out = run_cli("controller", str(path), "--insecure-dev", "--discovery-interval", "60")
+    assert out.returncode == 2 and "silence timeout" in out.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -150,8 +150,10 @@ class ControllerApp(app_manager.OSKenApp):
         app's event loop (module doc)."""
         def hand_over(topic: str, payload: dict) -> None:
             if self._stopping.is_set():
-                # Not applied: a persistent session gets it again after the restart.
-                raise RuntimeError(f"{self.name} is stopping")
+                # The controller disconnects the bus before its apps stop: this is only what was
+                # already on its way to the dispatcher.
+                self.log.info("%s stopping: message on %s not handled", self.name, topic)
+                return
             req = EventBusMessage(topic, payload)
             req.handler = handler
             try:
@@ -160,6 +162,8 @@ class ControllerApp(app_manager.OSKenApp):
                 # Still queued: it will be applied; raising would let a copy apply it twice.
                 self.log.error("bus message on %s still waits for %s after %.0f s", topic, self.name,
                                self.ctx.config.handoff_timeout_s)
+            except AppUnavailable:
+                self.log.info("%s stopped: message on %s not handled", self.name, topic)
 
         self._subscriptions.append(self.ctx.bus.subscribe(topic_filter, hand_over))
 

@@ -60,6 +60,10 @@ class ControllerConfig:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     def __post_init__(self) -> None:
+        if self.discovery_interval_s >= self.monitoring.silence_timeout_s:
+            # Each discovery brings a sample of every active link: slower, and links look silent.
+            raise ValueError(f"the discovery interval ({self.discovery_interval_s:g} s) must be shorter than the "
+                             f"monitoring element's silence timeout ({self.monitoring.silence_timeout_s:g} s)")
         for name in ("discovery_interval_s", "restconf_timeout_s", "admission_tick_max_s", "monitoring_tick_s",
                      "profiles_refresh_s", "handoff_timeout_s", "request_timeout_s", "config_pending_timeout_s"):
             value = getattr(self, name)
@@ -209,6 +213,8 @@ class Store:
         self.origin = origin
         self._link_ids: dict[str, int] = {}
         self._ids_lock = threading.Lock()
+        self._queued: list[dbm.Event] = []
+        self._queue_lock = threading.Lock()
 
     def _transaction(self, what: str, fn: Callable[[DbSession], Any]) -> bool:
         try:
@@ -256,6 +262,20 @@ class Store:
         self._transaction("sessions, samples and events", write)
         if publish:
             self.publish_events(events)
+
+    def queue_events(self, events: Iterable[dbm.Event]) -> None:
+        """Events to write with the next ``flush_events`` (the key managers' stream: many small
+        rows, written in batches rather than one transaction each)."""
+        with self._queue_lock:
+            self._queued.extend(events)
+
+    def flush_events(self) -> int:
+        """Write the queued events in one transaction; returns how many."""
+        with self._queue_lock:
+            events, self._queued = self._queued, []
+        if events:
+            self.record(events, publish=False)
+        return len(events)
 
     def publish_events(self, events: Iterable[dbm.Event]) -> None:
         for event in events:

@@ -8,8 +8,9 @@ Decisions: ``controller.topology`` (``TopologyTracker``, ``ConfigTracker``).
   tracker on the app's event loop (``EventDiscovery``).
 - **Bus**: ETSI 015 notifications on ``notifications/+``, agents' retained status on
   ``status/+`` (an agent offline -> its node down at once), key managers' replies on
-  ``km/+/reply``, and the ``events`` stream (stored in the database; a key manager's
-  ``resync`` is answered with the configuration pushes that make it match).
+  ``km/+/reply``, and the ``events`` stream (stored in the database in batches, every
+  ``EVENT_FLUSH_S``; a key manager's ``resync`` is answered with the configuration pushes that
+  make it match).
 - **Out**: topology DB rows, ``EventLinkState`` (routing, admission, monitoring) and
   ``EventLinkSample`` (monitoring) to the other apps.
 - **Configuration**: ``EventConfigure`` / ``EventDeconfigure`` from admission control become
@@ -34,6 +35,7 @@ from db import models as dbm
 from qkdsdn.bus import MSG_ID, config_message, new_msg_id
 
 ELEMENT = "sdn_controller"
+EVENT_FLUSH_S = 0.25  # the key managers' events are written in batches this often
 
 
 class SDNControllerApp(ControllerApp):
@@ -58,10 +60,15 @@ class SDNControllerApp(ControllerApp):
         for node in sorted(self._wake):
             self.spawn(f"discover-{node}", self._discovery_loop, node)
         self.every("expire", lambda: 60.0, lambda: self.send_event(self.name, EventTick(self.ctx.clock())))
+        self.every("events", lambda: EVENT_FLUSH_S, self.ctx.store.flush_events)
 
     def on_stop(self) -> None:
         for wake in self._wake.values():
             wake.set()
+
+    def stop(self) -> None:
+        super().stop()
+        self.ctx.store.flush_events()  # what arrived until the event loop ended
 
     def health(self) -> dict:
         return {"nodes": {n: self.tracker.liveness(n).value for n in self.tracker.nodes()},
@@ -139,7 +146,7 @@ class SDNControllerApp(ControllerApp):
         now = self.ctx.clock()
         row = event_from_bus(payload, now)
         if row is not None:
-            self.ctx.store.record([row], publish=False)
+            self.ctx.store.queue_events([row])
         node = payload.get("node")
         if payload.get("op") == "resync" and isinstance(node, str) and node in self.ctx.node_names:
             sessions = payload.get("sessions")

@@ -85,8 +85,6 @@ def cmd_controller(args: argparse.Namespace) -> int:
             rest = split_hostport(args.rest)
         else:
             rest = (network.deployment.controller_host, network.deployment.controller_port)
-    if args.discovery_interval <= 0:
-        raise CommandError("--discovery-interval must be positive")
 
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -94,10 +92,13 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from controller.launcher import Controller, ControllerOptions, LaunchError
     from db.bootstrap import BootstrapError
 
+    try:
+        config = ControllerConfig(discovery_interval_s=args.discovery_interval)
+    except ValueError as exc:
+        raise CommandError(f"--discovery-interval: {exc}") from None
     options = ControllerOptions(network=network, db_url=args.db, bus_url=args.bus, pki=args.pki,
                                 insecure_dev=args.insecure_dev, rest=rest, tokens_file=args.tokens,
-                                replace=args.replace,
-                                config=ControllerConfig(discovery_interval_s=args.discovery_interval))
+                                replace=args.replace, config=config)
     if args.insecure_dev:
         logging.getLogger("qkdsdn.controller").warning(
             "INSECURE DEVELOPMENT MODE: plain HTTP, callers identified by a header; never use this in production")
