@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -19,7 +20,7 @@ from flask import Flask, Response, request
 from agents import relay
 from agents.control import AdmissionRequest, LocalControlPlane
 from agents.core.keymanager import DeliverKey, Reject, Reply, Wait, key_id_for, metadata_json
-from agents.core.session import QoS, Status
+from agents.core.session import SETUP_STATES, QoS, Status
 from agents.keystore import AlreadyDelivered, InsufficientKey, KeyRefError, SessionKeyConflict
 from agents.linkkeys import LinkKeyProtocolError
 
@@ -68,6 +69,8 @@ def _deadline(decision: Any, now: float) -> float:
 
 
 def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
+    dec_lock = threading.Lock()  # dec_keys: check-then-read of several keys without interleaving
+
     def sae_caller() -> str | None:
         who = km.caller(request.environ)
         if who is None or who.kind != "sae":
@@ -194,21 +197,57 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
             found = [km._key_ids.get(k.lower()) for k in ids]
         if any(f is None for f in found) or len({f[0] for f in found}) != 1:
             return _error(400, KEYS_NOT_FOUND)
+        if len(set(found)) != len(found):
+            return _error(400, "key_IDs names a key more than once")
         ksid = found[0][0]
         with km._lock:
             session = km.logic.session(ksid)
+        indices = [i for _, i in found]
+        if session is None:
+            orphan = km.orphan_session(ksid)
+            if orphan is not None and orphan["source_sae"] == master:
+                return recovered_keys(ksid, orphan, slave, indices)
         if session is None or session.source_sae != master:
             return _error(400, KEYS_NOT_FOUND)
-        now = km.clock()
-        decision = km._start_call(km.logic.dec_keys, slave, ksid, [i for _, i in found], now, True)
-        answer = km._await(decision, _deadline(decision, now))
-        if isinstance(answer, DeliverKey):
-            keys = read_keys(answer, "destination")
-            if isinstance(keys, Response):
-                return _error(400, KEYS_NOT_FOUND) if keys.status_code == 409 else keys
-            return _json({"keys": [{"key_ID": key_id_for(ksid, i), "key": base64.b64encode(d).decode()}
-                                   for i, d in keys]})
+        # All or nothing: the keys are checked, then read, with no other dec_keys in between, so a
+        # request naming one key already delivered consumes none of the others.
+        with dec_lock:
+            held = {info.index: info for info in km.store.list_session_keys(ksid)}
+            have = all(i in held and held[i].state != "unconfirmed" and "destination" in held[i].sides
+                       and "destination" not in held[i].delivered for i in indices)
+            now = km.clock()
+            decision = km._start_call(km.logic.dec_keys, slave, ksid, indices, now, have)
+            answer = km._await(decision, _deadline(decision, now))
+            if isinstance(answer, DeliverKey):
+                keys = read_keys(answer, "destination")
+                if isinstance(keys, Response):
+                    return _error(400, KEYS_NOT_FOUND) if keys.status_code == 409 else keys
+                return _json({"keys": [{"key_ID": key_id_for(ksid, i), "key": base64.b64encode(d).decode()}
+                                       for i, d in keys]})
         return _answer_014(answer)
+
+    def recovered_keys(ksid: str, record: dict, slave: str, indices: list[int]) -> Response:
+        """dec_keys of keys stored before this agent restarted (its session is gone from the logic):
+        the same checks the logic makes, against the session's SAEs kept on disk."""
+        if record["destination_sae"] != slave:
+            return _error(401, "")
+        with dec_lock:
+            held = {info.index: info for info in km.store.list_session_keys(ksid)}
+            if not all(i in held and held[i].state != "unconfirmed" and "destination" not in held[i].delivered
+                       for i in indices):
+                return _error(400, KEYS_NOT_FOUND)
+            out = []
+            for index in indices:
+                try:
+                    data = km.store.get_session_key(ksid, index, "destination")
+                except AlreadyDelivered:
+                    data = None
+                if data is None:
+                    return _error(400, KEYS_NOT_FOUND)
+                out.append((index, data))
+        km._emit_raw("key_returned", ksid, call="dec_keys", count=len(out), recovered=True)
+        km.forget_orphan_if_done(ksid)
+        return _json({"keys": [{"key_ID": key_id_for(ksid, i), "key": base64.b64encode(d).decode()} for i, d in out]})
 
     # ---------------------------------------------------------------- ETSI GS QKD 004 (docs/etsi004-mapping.md)
 
@@ -262,6 +301,17 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
                        and side_of(ksid) not in info.delivered for info in km.store.list_session_keys(ksid)) \
                 if isinstance(ksid, str) else False
 
+        index = body.get("index")
+        if isinstance(ksid, str) and isinstance(index, int) and not isinstance(index, bool):
+            with km._lock:
+                session = km.logic.session(ksid)
+            if session is not None and session.local_sae == caller and session.interface == "004":
+                side = km._side(session.ksid)
+                if any(info.index == index and side in info.delivered
+                       for info in km.store.list_session_keys(session.ksid)):
+                    # Answered here: the logic would ask for the key again (the source, or the
+                    # destination through the source) and the call would wait for its Timeout.
+                    return _error(409, f"key index {index} of this Key_stream_ID was already delivered")
         decision = km._start_call(km.logic.get_key, ksid, body.get("index"), caller, now, have_key,
                                   metadata_size=body.get("Metadata_size"))
         answer = km._await(decision, _deadline(decision, now))
@@ -339,6 +389,15 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
         km._emit_raw("relay_rejected", ksid, message_kind=kind, reason=message, **details)
         return _error(status, message)
 
+    def not_ready(ksid: str) -> Response | None:
+        """503 for a session this key manager has opened but not been configured for yet: the
+        other end was configured first (admission configures one key manager after the other) and
+        its application called at once. The sender answers status 2; a retry finds it ready."""
+        with km._lock:
+            session = km.logic.session(ksid)
+            setting_up = session is not None and session.state in SETUP_STATES
+        return _error(503, "the session is not configured at this key manager yet") if setting_up else None
+
     @app.post("/relay/v1/link_keys")
     def link_keys() -> Response:
         body = _body()
@@ -370,10 +429,10 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
         sender = neighbour(msg.link)
         if sender is None:
             return rejected(kind, 403, "the sender is not this node's neighbour on that link", msg.ksid)
-        with km._lock:
-            route = km.logic.route_relay(msg.ksid, sender, km.clock())
-        if not route.accept:
-            return rejected(kind, 409, route.reason, msg.ksid)
+        # The tag is checked and the named link key consumed before the session is looked up: the
+        # sender spent those bytes when it sent an authentic message, so this end discards them too
+        # even when it cannot take the message (no such session here any more, e.g. after a restart)
+        # and both ends of the link stay in step. A forged or altered message consumes nothing.
         opened: list[relay.RelayPayload] = []
         try:
             km.store.consume_refs(msg.link, msg.consumed_refs(), verify=lambda d: opened.append(open_fn(msg, d)))
@@ -383,6 +442,10 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
             return rejected(kind, 400, f"link key references rejected: {exc}", msg.ksid, link=msg.link)
         if not km.store.remember_message(msg.link, msg.msg_id, time.time()):
             return rejected(kind, 400, "replayed message", msg.ksid, link=msg.link)
+        with km._lock:
+            route = km.logic.route_relay(msg.ksid, sender, km.clock())
+        if not route.accept:
+            return not_ready(msg.ksid) or rejected(kind, 409, route.reason, msg.ksid)
         payload = opened[0]
         if route.local:
             hops = (msg.hop - 1) if kind == "forward" else 0
@@ -435,7 +498,7 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
         with km._lock:
             route = km.logic.route_relay(ksid, sender, km.clock())
         if not route.accept:
-            return _error(409, route.reason)
+            return not_ready(ksid) or _error(409, route.reason)
         if route.local:
             now = km.clock()
             if towards_source:

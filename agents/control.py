@@ -11,7 +11,9 @@ agent reads the same network file. For each session one key manager is the
 *admission authority*: the home node of the session's source SAE. The other
 endpoint's key manager forwards its admission request there over the relay
 channel (``POST /relay/v1/control/admit``). The authority checks the user's SLA,
-waits for both endpoints (ETSI 004) or not (ETSI 014), computes the route with
+waits for both endpoints (ETSI 004: an OPEN_CONNECT whose peer has not come
+within its Timeout gets status 1 and stays pending, so the peer may still open
+later) or not (ETSI 014), computes the route with
 networkx (hop count; ties broken by the order of the network file) and
 configures every key manager on it through their ETSI 015 RESTCONF, exactly as
 the controller does. Limits, stated: each authority counts only the sessions it
@@ -37,6 +39,9 @@ log = logging.getLogger("qkdsdn.agent.control")
 # ETSI 004 status codes used here (agents.core.session.Status has them all).
 SUCCESSFUL, PEER_NOT_CONNECTED, NO_QKD_CONNECTION, KSID_IN_USE, TIMEOUT, QOS_NOT_MET = 0, 1, 4, 5, 6, 7
 DEFAULT_INACTIVITY_S = 300
+# How long an OPEN_CONNECT whose peer has not opened yet stays pending at the authority (the key
+# manager's own set-up timeout, KeyManagerLogic.setup_timeout_s, is the same).
+PENDING_TTL_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,8 @@ class LocalControlPlane:
         self._graph.add_edges_from(link.ends for link in network.links)
         self._cond = threading.Condition()
         self._pending: dict[str, dict[str, AdmissionRequest]] = {}  # ksid -> role -> request
+        self._pending_since: dict[str, float] = {}  # ksid -> when its first half arrived
+        self._waiting: set[str] = set()  # ksids whose pending half has a thread blocked on the peer
         self._results: dict[str, AdmissionResult] = {}
         self._routes: dict[str, list[str]] = {}  # admitted sessions: ksid -> route
         self._owner: dict[str, str] = {}  # ksid -> user
@@ -194,6 +201,7 @@ class LocalControlPlane:
         timeout_s = max(float(request.qos.get("Timeout") or 0) / 1000.0, 0.0)
         role = "source" if request.local_sae == request.source_sae else "destination"
         with self._cond:
+            self._expire_pending()
             if request.ksid in self._routes:
                 return AdmissionResult(KSID_IN_USE, reason="Key_stream_ID already in use")
             pair = self._pending.setdefault(request.ksid, {})
@@ -204,26 +212,41 @@ class LocalControlPlane:
                     request.source_sae, request.destination_sae, request.interface):
                 return AdmissionResult(KSID_IN_USE, reason="Key_stream_ID already in use by other applications")
             pair[role] = request
+            self._pending_since.setdefault(request.ksid, self._clock())
             complete = request.interface == "014" or len(pair) == 2
             if not complete:
                 deadline = self._clock() + timeout_s
-                while request.ksid not in self._results:
-                    left = deadline - self._clock()
-                    if left <= 0:
-                        pair.pop(role, None)
-                        if not pair:
-                            self._pending.pop(request.ksid, None)
-                        return AdmissionResult(TIMEOUT, reason="the peer did not open the Key_stream_ID in time")
-                    self._cond.wait(left)
-                return self._results.pop(request.ksid)
-        # This thread completed the pair: it routes and configures; the waiting peer gets the result.
+                self._waiting.add(request.ksid)
+                try:
+                    while request.ksid not in self._results:
+                        left = deadline - self._clock()
+                        if left <= 0:
+                            # ETSI 004 status 1: connected, the peer not yet. The half stays pending, so a
+                            # peer that opens later still completes the session (and configures this end);
+                            # it goes when this end's session ends (closed) or after PENDING_TTL_S.
+                            return AdmissionResult(PEER_NOT_CONNECTED,
+                                                   reason="the peer has not opened the Key_stream_ID yet")
+                        self._cond.wait(left)
+                    return self._results.pop(request.ksid)
+                finally:
+                    self._waiting.discard(request.ksid)
+        # This thread completed the pair: it routes and configures; a peer still waiting gets the result.
         result = self._establish(request, pair)
         with self._cond:
             self._pending.pop(request.ksid, None)
-            if request.interface == "004" and len(pair) == 2:
+            self._pending_since.pop(request.ksid, None)
+            if request.interface == "004" and request.ksid in self._waiting:
                 self._results[request.ksid] = result
             self._cond.notify_all()
         return result
+
+    def _expire_pending(self) -> None:
+        """Forget halves whose peer never came (under ``_cond``)."""
+        horizon = self._clock() - PENDING_TTL_S
+        for ksid in [k for k, t in self._pending_since.items()
+                     if t < horizon and k not in self._waiting and len(self._pending.get(k, ())) < 2]:
+            self._pending.pop(ksid, None)
+            self._pending_since.pop(ksid, None)
 
     def _check_sla(self, r: AdmissionRequest) -> AdmissionResult | None:
         user = self._users.get(r.user)
@@ -285,8 +308,10 @@ class LocalControlPlane:
                    for i, node in enumerate(route)]
         done: list[str] = []
         try:
-            # Intermediate nodes first, so a relay message never meets an unconfigured hop.
-            for cfg in sorted(configs, key=lambda c: (c.prev_hop is None or c.next_hop is None)):
+            # Intermediate nodes first, then the destination, the source last: the source starts
+            # producing keys as soon as it is configured (ETSI 014 at once, ETSI 004 on the first
+            # GET_KEY), so a relay message never meets an unconfigured hop.
+            for cfg in sorted(configs, key=lambda c: (c.prev_hop is None, c.next_hop is None)):
                 self._push(cfg)
                 done.append(cfg.node)
         except Exception as exc:  # noqa: BLE001 — roll back whatever was configured
@@ -326,6 +351,10 @@ class LocalControlPlane:
         with self._cond:
             route = self._routes.pop(ksid, None)
             self._owner.pop(ksid, None)
+            if len(self._pending.get(ksid, ())) < 2:
+                # A half-open session ended at its endpoint: a late peer must not complete it any more.
+                self._pending.pop(ksid, None)
+                self._pending_since.pop(ksid, None)
         for node in route or ():
             try:
                 self._remove(node, ksid)

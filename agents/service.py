@@ -14,6 +14,7 @@ import base64
 import concurrent.futures
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -97,6 +98,60 @@ class PeerError(Exception):
         self.status, self.message = status, message
 
 
+class SlaveSessions:
+    """The ETSI 014 sessions this key manager is the destination of, on disk.
+
+    Keys stored here for a slave SAE must survive a restart (``kill -9`` included) until that
+    SAE calls dec_keys, but the sessions themselves live in memory. This file keeps what
+    dec_keys needs besides the keys: each session's master and slave SAE and how long its keys
+    may wait unused. At start-up the key_ID -> (ksid, index) map is rebuilt from it and the key
+    store. Written atomically (temporary file, fsync, rename); key bytes are never in it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._records: dict[str, dict[str, Any]] = {}
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            self._records = {k: v for k, v in raw.items()
+                             if isinstance(v, dict) and {"source_sae", "destination_sae", "retain_s"} <= set(v)}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as exc:
+            log.error("%s is unreadable (%s): keys stored for ETSI 014 slaves before a restart are "
+                      "not deliverable", path, type(exc).__name__)
+
+    def get(self, ksid: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._records.get(ksid)
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        with self._lock:
+            return list(self._records.items())
+
+    def add(self, ksid: str, source_sae: str, destination_sae: str, retain_s: float) -> None:
+        record = {"source_sae": source_sae, "destination_sae": destination_sae, "retain_s": float(retain_s)}
+        with self._lock:
+            if self._records.get(ksid) == record:
+                return
+            self._records[ksid] = record
+            self._save()
+
+    def remove(self, ksid: str) -> None:
+        with self._lock:
+            if self._records.pop(ksid, None) is not None:
+                self._save()
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as out:
+            json.dump(self._records, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+
+
 class KeyManagerAgent:
     """One node's agent. ``start()`` serves; ``stop()`` ends every thread."""
 
@@ -137,6 +192,11 @@ class KeyManagerAgent:
         self._key_meta: dict[tuple[str, int], tuple[float, int]] = {}  # (ksid, index) -> (stored at, hops)
         self._key_ids: dict[str, tuple[str, int]] = {}  # ETSI 014 key_ID -> (ksid, index)
         self._producing: dict[tuple[str, int], concurrent.futures.Future] = {}
+        # ETSI 014 destination sessions on disk; those from before a restart ("orphans": no session
+        # in the logic any more) keep their undelivered keys deliverable until their retention ends.
+        self.slave_sessions = SlaveSessions(self.state_dir / f"{node}.slave-sessions.json")
+        self._orphans: dict[str, float] = {}  # ksid -> wall-clock time its keys are dropped
+        self._admitting: dict[str, str] = {}  # ksid -> source SAE, from admission request to termination
         self.events: deque[dict] = deque(maxlen=EVENT_BUFFER)
         self._event_file = open(self.state_dir / f"{node}.events.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._event_subscribers: list[Callable[[dict], None]] = []
@@ -171,6 +231,7 @@ class KeyManagerAgent:
                     if role == "master" else None
                 self.workers[link.qkdl_id] = LinkKeyWorker(link, role, device, self.store, notify_slave=notify,
                                                            clock=clock)
+        self._recover_slave_sessions()
         self.app = self._make_app()
         self.server = None
 
@@ -314,6 +375,8 @@ class KeyManagerAgent:
             elif isinstance(a, NeedAuthentication):
                 self._pool.submit(self._authenticate, a)
             elif isinstance(a, NeedAdmission):
+                with self._lock:
+                    self._admitting[a.ksid] = a.source_sae
                 self._pool.submit(self._admit, a)
             elif isinstance(a, ProduceKey):
                 key = (a.ksid, a.index)
@@ -329,6 +392,7 @@ class KeyManagerAgent:
                 self._terminated(a)
             elif isinstance(a, PurgeKeys):
                 self.store.drop_session(a.ksid)
+                self.slave_sessions.remove(a.ksid)
                 with self._lock:
                     for k in [k for k in self._key_meta if k[0] == a.ksid]:
                         del self._key_meta[k]
@@ -383,6 +447,7 @@ class KeyManagerAgent:
     def _monitor(self) -> None:
         """Link performance for ETSI 015 (qkdl_performance, link perf notifications)."""
         while not self._stopping.wait(PERF_PERIOD_S):
+            self._expire_orphans(time.time())
             for link_id, worker in self.workers.items():
                 try:
                     skr = worker.arrival_rate_bps()
@@ -423,6 +488,11 @@ class KeyManagerAgent:
             result = AdmissionResult(int(Status.NO_QKD_CONNECTION), reason="admission control unreachable")
         if result.hops is not None:
             self._hops[a.ksid] = result.hops
+        if result.status == int(Status.PEER_NOT_CONNECTED):
+            # The peer has not opened yet; the session stays user_accepted (the OPEN_CONNECT call has
+            # its answer 1 from the logic at its Timeout) until admission configures it or it times out.
+            self._emit_raw("admission_pending", a.ksid, reason=result.reason)
+            return
         if result.status != 0:
             counter = QoS.from_json(result.qos) if result.qos else None
             self._call(self.logic.admission_rejected, a.ksid, result.status, self.clock(), result.reason, counter)
@@ -456,6 +526,10 @@ class KeyManagerAgent:
             self._call(self.logic.configure, core, self.clock())
         except Exception as exc:  # noqa: BLE001 — the logic refuses configurations that do not fit
             raise ConfigRejected(f"configuration refused: {exc}") from None
+        if interface == "014" and next_hop is None and prev_hop is not None:
+            # Before any key of the session can arrive: its keys must stay deliverable across a restart.
+            self.slave_sessions.add(config.ksid, config.source_sae, config.destination_sae,
+                                    float(config.inactivity_timeout_s))
 
     def deconfigure(self, ksid: str) -> None:
         self._call(self.logic.deconfigure, ksid, self.clock())
@@ -510,10 +584,12 @@ class KeyManagerAgent:
 
     def _terminated(self, a: Terminate) -> None:
         self._emit_raw("session_terminated", a.ksid, reason=a.reason)
+        with self._lock:
+            session = self.logic.session(a.ksid)
+            # A session never configured here is gone from the logic already; its admission knew the source.
+            admitted_for = self._admitting.pop(a.ksid, None)
         if a.notify_control:
-            with self._lock:
-                session = self.logic.session(a.ksid)
-            source = session.source_sae if session is not None else None
+            source = session.source_sae if session is not None else admitted_for
             self._pool.submit(self.control.closed, a.ksid, source, a.reason)
 
     # ------------------------------------------------------------------ key production (source)
@@ -539,6 +615,9 @@ class KeyManagerAgent:
             self.workers.get(a.pool) and self.workers[a.pool].wake()
         else:
             self._call(self.logic.key_failed, a.ksid, a.index, now, outcome[1], outcome[2])
+            if len(outcome) > 3 and outcome[3]:
+                # 409: a key manager on the route does not carry the session (any more).
+                self._route_broken(a.ksid, outcome[2])
 
     def _produce_once(self, a: ProduceKey) -> tuple:
         link = self._links.get(a.next_hop)
@@ -579,7 +658,7 @@ class KeyManagerAgent:
         except PeerError as exc:
             status = int(Status.INSUFFICIENT_KEY) if exc.status == 503 else int(Status.NO_QKD_CONNECTION)
             self._emit_raw("relay_failed", a.ksid, index=a.index, status=exc.status, message=exc.message)
-            return ("failed", status, exc.message)
+            return ("failed", status, exc.message, exc.status == 409)
         except (requests.RequestException, KeyError, relay.RelayError, ValueError) as exc:
             self._emit_raw("relay_failed", a.ksid, index=a.index, message=type(exc).__name__)
             return ("failed", int(Status.NO_QKD_CONNECTION), "relay failed")
@@ -588,6 +667,67 @@ class KeyManagerAgent:
         self.store.put_session_key(a.ksid, a.index, payload.key, sides=(self._side(a.ksid),))
         self._remember_key(a.ksid, a.index, hops)
         return ("ready",)
+
+    # ------------------------------------------------------------------ ETSI 014 slaves across restarts
+
+    def _recover_slave_sessions(self) -> None:
+        """At start-up: the keys stored for ETSI 014 slaves before a restart become deliverable again."""
+        now = time.time()
+        for ksid, record in self.slave_sessions.items():
+            waiting = [info.index for info in self.store.list_session_keys(ksid)
+                       if "destination" in info.sides and "destination" not in info.delivered
+                       and info.state != "unconfirmed"]
+            if not waiting:
+                self.store.drop_session(ksid)
+                self.slave_sessions.remove(ksid)
+                continue
+            self._orphans[ksid] = now + float(record["retain_s"])
+            for index in waiting:
+                self._key_ids[key_id_for(ksid, index)] = (ksid, index)
+            self._emit_raw("keys_recovered", ksid, count=len(waiting))
+
+    def orphan_session(self, ksid: str) -> dict[str, Any] | None:
+        """The stored SAEs of an ETSI 014 session from before a restart whose keys are still here."""
+        with self._lock:
+            live = ksid in self._orphans
+        return self.slave_sessions.get(ksid) if live else None
+
+    def forget_orphan_if_done(self, ksid: str) -> None:
+        if not any("destination" not in info.delivered for info in self.store.list_session_keys(ksid)):
+            self._drop_orphan(ksid)
+
+    def _drop_orphan(self, ksid: str) -> None:
+        with self._lock:
+            self._orphans.pop(ksid, None)
+            for kid in [kid for kid, v in self._key_ids.items() if v[0] == ksid]:
+                del self._key_ids[kid]
+        self.store.drop_session(ksid)
+        self.slave_sessions.remove(ksid)
+
+    def _expire_orphans(self, now: float) -> None:
+        with self._lock:
+            expired = [ksid for ksid, until in self._orphans.items() if until <= now]
+            # A session configured here again owns its keys: the logic purges them, not this timer.
+            for ksid in [k for k in expired if self.logic.session(k) is not None]:
+                del self._orphans[ksid]
+                expired.remove(ksid)
+        for ksid in expired:
+            self._drop_orphan(ksid)
+            self._emit_raw("purged", ksid, reason="keys from before the restart were not fetched in time")
+
+    def _route_broken(self, ksid: str, reason: str) -> None:
+        """A key manager on the session's route no longer knows it (it restarted, or dropped it):
+        end it here and tell admission control, so the route is released everywhere and the
+        next ETSI 014 call of the pair opens a new session (004 applications get status 4).
+        Only a route that carried keys before counts as broken: a session's first key may meet
+        a key manager that is still being configured (a controller configures them in any order)."""
+        with self._lock:
+            session = self.logic.session(ksid)
+        if session is None or not session.is_live or not self.store.list_session_keys(ksid):
+            return
+        self._emit_raw("route_broken", ksid, reason=reason)
+        self._call(self.logic.deconfigure, ksid, self.clock())
+        self._pool.submit(self.control.closed, ksid, session.source_sae, "route broken")
 
     def _has_key(self, ksid: str, index: int) -> bool:
         return any(info.index == index for info in self.store.list_session_keys(ksid))
@@ -601,8 +741,11 @@ class KeyManagerAgent:
         try:
             self.peers[a.prev_hop].post("/relay/v1/fetch", {"ksid": a.ksid, "index": a.index})
         except (PeerError, requests.RequestException) as exc:
-            status = int(Status.NO_QKD_CONNECTION)
+            busy = isinstance(exc, PeerError) and exc.status == 503
+            status = int(Status.INSUFFICIENT_KEY if busy else Status.NO_QKD_CONNECTION)
             self._call(self.logic.key_failed, a.ksid, a.index, self.clock(), status, f"fetch failed: {exc}")
+            if isinstance(exc, PeerError) and exc.status == 409:
+                self._route_broken(a.ksid, exc.message)
 
     def _answer_peer(self, a: AnswerPeer) -> None:
         with self._lock:
