@@ -1,0 +1,214 @@
+"""End-to-end keys over real HTTPS with mutual TLS on the chain of examples/linear-5.yaml
+(N0 - N1 - N2 - N3 - N4 - N5): both endpoints get identical keys, directly or relayed
+over up to four trusted nodes, the metadata says how many, every link of the route pays
+exactly k + 512 link-key bits per key at both of its ends; and the relay channel rejects
+tampered, replayed and misdirected messages without consuming anything."""
+from __future__ import annotations
+
+import base64
+import threading
+import uuid
+
+import pytest
+
+from agent_harness import EXAMPLES, Network, relocate
+from agents import relay
+from agents.client import QoS
+from agents.core.keymanager import METADATA_MAX_SIZE
+
+CHUNK = 32  # bytes per key
+NEEDED = relay.link_key_bits_needed(8 * CHUNK)  # link-key bits per key on every hop
+QOS = QoS(Key_chunk_size=CHUNK, Timeout=15_000)
+
+
+def _edit(data: dict) -> None:
+    # Applications on N1 and N4 as well, so routes of every length start and end at an application.
+    data["applications"] += [{"sae_id": "SAE-N1", "node": "N1", "user": "operator-apps"},
+                             {"sae_id": "SAE-N4", "node": "N4", "user": "operator-apps"}]
+    data["users"][0]["sla"]["max_sessions"] = 64
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("agent-relay")
+    # The chain's topology with fast fixed-rate devices, so the pools fill in a moment.
+    path = relocate(EXAMPLES / "linear-5.yaml", tmp / "net.yaml", edit=_edit,
+                    devices={"model": "fixed", "skr_bps": 400_000, "qber": 0.02})
+    with Network(path, tmp, tls=True) as network:
+        network.wait_for_pools(bits=16 * NEEDED)
+        yield network
+
+
+def route(src: str, dst: str) -> list[str]:
+    a, b = int(src[1:]), int(dst[1:])
+    return [f"N{i}" for i in range(a, b + 1)]
+
+
+def consumed(net: Network) -> dict[tuple[str, str], int]:
+    """Link-key bits consumed so far at each (node, link) end."""
+    out = {}
+    for name, agent in net.agents.items():
+        for link_id, entry in agent.store.stats().items():
+            out[(name, link_id)] = entry["master"]["consumed"] + entry["slave"]["consumed"]
+    return out
+
+
+def open_pair(net: Network, source: str, destination: str, qos: QoS = QOS) -> str:
+    ksid = str(uuid.uuid4())
+    out: dict[str, object] = {}
+
+    def run(sae: str) -> None:
+        try:
+            out[sae] = net.client(sae).open_connect(source, destination, qos, ksid)
+        except Exception as exc:  # noqa: BLE001 — reported below
+            out[sae] = exc
+
+    threads = [threading.Thread(target=run, args=(sae,)) for sae in (source, destination)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [getattr(out[s], "status", out[s]) for s in (source, destination)] == [0, 0]
+    return ksid
+
+
+@pytest.mark.parametrize("src, dst", [("N0", "N1"), ("N0", "N2"), ("N1", "N5"), ("N0", "N5")],
+                         ids=["adjacent", "2-hops", "4-hops", "5-hops"])
+def test_004_keys_are_identical_at_both_ends(net, src, dst):
+    path = route(src, dst)
+    trusted = len(path) - 2
+    before = consumed(net)
+    ksid = open_pair(net, f"SAE-{src}", f"SAE-{dst}")
+    a, b = net.client(f"SAE-{src}"), net.client(f"SAE-{dst}")
+    # The destination asks first for a key the source has not made yet (it fetches it), then
+    # the source takes its keys in order, then the destination the rest.
+    late = b.get_key(ksid, index=2, metadata_size=METADATA_MAX_SIZE)
+    mine = [a.get_key(ksid, metadata_size=METADATA_MAX_SIZE) for _ in range(3)]
+    theirs = [b.get_key(ksid, index=i, metadata_size=METADATA_MAX_SIZE) for i in (0, 1)] + [late]
+    assert [k.status for k in mine + theirs] == [0] * 6
+    assert [k.index for k in mine] == [0, 1, 2] and [k.index for k in theirs] == [0, 1, 2]
+    assert [k.key for k in mine] == [k.key for k in theirs]
+    assert len({k.key for k in mine}) == 3 and all(len(k.key) == CHUNK for k in mine)
+    assert {k.metadata["hops"] for k in mine + theirs} == {trusted}
+    # Every link of the route paid exactly k + 512 bits per key at both ends; no other link paid.
+    after = consumed(net)
+    links = {net.link(x, y).qkdl_id for x, y in zip(path, path[1:])}
+    for (node, link_id), bits in after.items():
+        spent = bits - before.get((node, link_id), 0)
+        assert spent == (3 * NEEDED if link_id in links else 0), (node, link_id, spent)
+    assert (a.close(ksid), b.close(ksid)) == (0, 0)
+
+
+def test_014_relayed_over_four_trusted_nodes(net):
+    master = net.session("sae", "SAE-N0")
+    slave = net.session("sae", "SAE-N5")
+    made = master.post(net.url("N0") + "/api/v1/keys/SAE-N5/enc_keys", json={"number": 3, "size": 512}, timeout=60)
+    assert made.status_code == 200, made.text
+    keys = {k["key_ID"]: k["key"] for k in made.json()["keys"]}
+    got = slave.post(net.url("N5") + "/api/v1/keys/SAE-N0/dec_keys",
+                     json={"key_IDs": [{"key_ID": k} for k in keys]}, timeout=60)
+    assert got.status_code == 200 and {k["key_ID"]: k["key"] for k in got.json()["keys"]} == keys
+    assert all(len(base64.b64decode(k)) == 64 for k in keys.values())
+
+
+# ------------------------------------------------------------------ hostile relay messages
+
+
+def rejected_events(agent, ksid: str) -> list[dict]:
+    return [e for e in list(agent.events) if e["kind"] == "relay_rejected" and e.get("ksid") == ksid]
+
+
+def flip(b64: str, byte: int = 0) -> str:
+    raw = bytearray(base64.b64decode(b64))
+    raw[byte] ^= 0x01
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def craft(net: Network, kind: str, ksid: str, sender: str, receiver: str, source: str, destination: str,
+          index: int) -> dict:
+    """A genuine relay message of session ``ksid`` as ``sender`` would send it to ``receiver``,
+    sealed with link key the sender's store hands out (and consumes) for it."""
+    agent = net.agents[sender]
+    link = net.link(sender, receiver)
+    role = "master" if link.master == sender else "slave"
+    slices = agent.store.take(link.qkdl_id, role, NEEDED)
+    common = dict(ksid=ksid, index=index, msg_id=str(uuid.uuid4()), link=link.qkdl_id,
+                  source_node=net.qkdn_id(source), destination_node=net.qkdn_id(destination), slices=slices)
+    if kind == "forward":
+        msg = relay.seal_forward(hop=1, payload=relay.RelayPayload.generate(8 * CHUNK), **common)
+    else:
+        msg, _ = relay.seal_deliver(key_bits=8 * CHUNK, **common)
+    return msg.to_dict()
+
+
+def post(net: Network, as_node: str, to: str, kind: str, body: dict):
+    return net.session("node", as_node).post(f"{net.url(to)}/relay/v1/{kind}", json=body, timeout=60)
+
+
+@pytest.mark.parametrize("kind, src, dst", [("forward", "N0", "N2"), ("deliver", "N0", "N1")])
+def test_tampered_and_replayed_relay_messages_are_rejected_and_consume_nothing(net, kind, src, dst):
+    ksid = open_pair(net, f"SAE-{src}", f"SAE-{dst}")
+    receiver = net.agents["N1"]
+    index = 1_000_000  # far from the indices the applications use
+    genuine = craft(net, kind, ksid, "N0", "N1", src, dst, index)
+    tampered = []
+    if kind == "forward":
+        tampered.append({**genuine, "ciphertext": flip(genuine["ciphertext"], 5)})
+    tampered += [{**genuine, "tag": flip(genuine["tag"], 15)}, {**genuine, "index": index + 1},
+                 {**genuine, "msg_id": str(uuid.uuid4())}]
+    key_of = "pad_refs" if kind == "forward" else "key_refs"
+    shifted = [dict(r) for r in genuine[key_of]]
+    shifted[0]["offset"] += 1 if shifted[0]["offset"] == 0 else -1
+    tampered.append({**genuine, key_of: shifted})
+    before = consumed(net)
+    for n, body in enumerate(tampered, start=1):
+        resp = post(net, "N0", "N1", kind, body)
+        assert resp.status_code == 400, (n, resp.text)
+        assert len(rejected_events(receiver, ksid)) == n
+    assert consumed(net) == before
+    reasons = [e["details"]["reason"] for e in rejected_events(receiver, ksid)]
+    # Altered members fail the tag; a shifted range fails the tag too, or names bytes the sender
+    # does not own at this end (the store refuses it before the tag is even computed).
+    assert all(r == "authentication tag does not verify" for r in reasons[:-1]), reasons
+    assert reasons[-1] == "authentication tag does not verify" or reasons[-1].startswith("link key references rejected")
+    # Sent by a key manager that is not the receiver's neighbour on that link: refused before anything.
+    for stranger in ("N2", "N3"):
+        assert post(net, stranger, "N1", kind, genuine).status_code == 403
+    assert consumed(net) == before
+    reported = rejected_events(receiver, ksid)
+    assert len(reported) == len(tampered) + 2
+    assert {e["details"]["reason"] for e in reported[-2:]} == {"the sender is not this node's neighbour on that link"}
+    # The genuine message still goes through: the refusals consumed none of its ranges.
+    ok = post(net, "N0", "N1", kind, genuine)
+    assert ok.status_code == 200, ok.text
+    assert set(ok.json()) == {"confirm", "hops"} and ok.json()["hops"] == len(route(src, dst)) - 2
+    landed = net.agents[dst].store.list_session_keys(ksid)
+    assert [info.index for info in landed] == [index]
+    spent = consumed(net)
+    assert spent[("N1", net.link("N0", "N1").qkdl_id)] - before[("N1", net.link("N0", "N1").qkdl_id)] == NEEDED
+    # The same message again is a replay: rejected, reported, nothing consumed anywhere.
+    again = post(net, "N0", "N1", kind, genuine)
+    assert again.status_code == 400
+    assert len(rejected_events(receiver, ksid)) == len(tampered) + 3
+    assert consumed(net) == spent
+    assert [info.index for info in net.agents[dst].store.list_session_keys(ksid)] == [index]
+    for node in (src, dst):
+        assert net.client(f"SAE-{node}").close(ksid) == 0
+
+
+def test_relay_messages_never_carry_link_key_bytes(net):
+    """The JSON on the wire names link key by ID and range; a crafted message's body holds no
+    byte string the sender's store handed out."""
+    ksid = open_pair(net, "SAE-N0", "SAE-N1")
+    link = net.link("N0", "N1")
+    agent = net.agents["N0"]
+    slices = agent.store.take(link.qkdl_id, "master", NEEDED)
+    msg, payload = relay.seal_deliver(ksid=ksid, index=2_000_000, msg_id=str(uuid.uuid4()), link=link.qkdl_id,
+                                      source_node=net.qkdn_id("N0"), destination_node=net.qkdn_id("N1"),
+                                      key_bits=8 * CHUNK, slices=slices)
+    text = str(msg.to_dict())
+    for s in slices:
+        assert base64.b64encode(s.data).decode() not in text and s.data.hex() not in text
+    assert post(net, "N0", "N1", "deliver", msg.to_dict()).status_code == 200
+    for node in ("N0", "N1"):
+        assert net.client(f"SAE-{node}").close(ksid) == 0
