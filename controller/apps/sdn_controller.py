@@ -93,6 +93,9 @@ class SDNControllerApp(ControllerApp):
                 event = EventDiscovery(node, qkd_node=client.get_node())
             except (RestconfError, ValueError, OSError) as exc:
                 event = EventDiscovery(node, error=_short_error(exc))
+            except Exception as exc:  # noqa: BLE001 - discovery of a node never stops
+                self.log.exception("reading %s failed", node)
+                event = EventDiscovery(node, error=f"{type(exc).__name__}: {exc}"[:160])
             if self.stopping():
                 return
             self.send_event(self.name, event)
