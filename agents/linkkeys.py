@@ -193,12 +193,25 @@ class PoolFiller:
             return Wait(now + self.full_poll_s, "pool full")
         return Fetch(min(self.batch_limit(), room, self._device_keys), self.key_size)
 
-    def assign_owners(self, n: int) -> list[str]:
-        """Owners for the next ``n`` keys: alternately master and slave, continuing across batches."""
+    def assign_owners(self, n: int, levels: dict[str, int] | None = None) -> list[str]:
+        """Owners for the next ``n`` keys.
+
+        With ``levels`` (available bits per owner) each key goes to the end that holds
+        less, so a one-way flow of traffic keeps getting key instead of the idle end's
+        share filling the bounded pool; ties (and no levels) alternate, continuing
+        across batches.
+        """
         out = []
+        have = dict(levels) if levels is not None else None
         for _ in range(n):
-            out.append(self._next_owner)
-            self._next_owner = "slave" if self._next_owner == "master" else "master"
+            if have is not None and have["master"] != have["slave"]:
+                owner = "master" if have["master"] < have["slave"] else "slave"
+            else:
+                owner = self._next_owner
+                self._next_owner = "slave" if owner == "master" else "master"
+            if have is not None:
+                have[owner] += self.key_size or 0
+            out.append(owner)
         return out
 
     # ------------------------------------------------------------------ outcomes
@@ -347,7 +360,8 @@ class LinkKeyWorker:
                     except DeviceError as exc:
                         self._device_failed(now, exc)
                         continue
-                    owners = self.filler.assign_owners(len(keys))
+                    owners = self.filler.assign_owners(len(keys), {
+                        o: self.store.available_bits(self.link, o) for o in ("master", "slave")})
                     self.store.add_pending(self.link, [(k.key_id, k.key, o) for k, o in zip(keys, owners)])
                     self.filler.on_fetched(now, len(keys))
                     added += self._notify(now, [(k.key_id, o) for k, o in zip(keys, owners)],

@@ -192,10 +192,6 @@ def filling_net(tmp_path):
         yield network
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agents/linkkeys.py assigns link-key owners alternately and bounds the pool as a whole: with traffic in "
-    "one direction only, the keys the other end owns are never spent and fill the pool, so the spending end "
-    "starves once it has used about one pool's worth (pool_max_bits). Remove this marker when fixed."))
 def test_one_way_traffic_keeps_getting_keys_beyond_one_pool(filling_net):
     net = filling_net
     ksid = open_session(net, 0, 3000)
