@@ -46,6 +46,10 @@ DEV_IDENTITY_HEADER = "X-QKDSDN-Dev-Identity"
 RELAY_TIMEOUT_S = 10.0
 EVENT_BUFFER = 10_000
 PERF_PERIOD_S = 1.0
+PRUNE_PERIOD_S = 60.0
+# A relay message older than this can no longer name a consumed key (its references are
+# rejected as unknown instead of as consumed: refused either way).
+PRUNE_AFTER_S = 600.0
 # Namespace of the VIRT link ids: one id per session, the same at every node of its route.
 VIRT_NAMESPACE = uuid.UUID("1b7d9a52-3f0e-4c8a-9d21-5e6f7a8b9c0d")
 
@@ -446,8 +450,16 @@ class KeyManagerAgent:
 
     def _monitor(self) -> None:
         """Link performance for ETSI 015 (qkdl_performance, link perf notifications)."""
+        last_prune = 0.0
         while not self._stopping.wait(PERF_PERIOD_S):
             self._expire_orphans(time.time())
+            if time.monotonic() - last_prune >= PRUNE_PERIOD_S:
+                last_prune = time.monotonic()
+                try:
+                    # Fully consumed link keys hold no bytes; their rows only slow the pool down.
+                    self.store.prune_consumed(time.time() - PRUNE_AFTER_S)
+                except Exception:  # noqa: BLE001
+                    log.exception("pruning consumed link keys failed")
             for link_id, worker in self.workers.items():
                 try:
                     skr = worker.arrival_rate_bps()
