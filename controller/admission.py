@@ -54,7 +54,6 @@ rows to record and the ``to_session_row()`` of every session the call changed.
 from __future__ import annotations
 
 import datetime as dt
-import enum
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Union
@@ -70,18 +69,7 @@ _UINT32_MAX = 2 ** 32 - 1
 _KSID_MAX = 36  # db.models.Session.ksid
 
 
-class Status(enum.IntEnum):
-    """ETSI GS QKD 004 status codes."""
-
-    SUCCESSFUL = 0
-    PEER_NOT_CONNECTED = 1
-    INSUFFICIENT_KEY = 2
-    PEER_NOT_YET_CONNECTED = 3
-    NO_QKD_CONNECTION = 4
-    KSID_IN_USE = 5
-    TIMEOUT = 6
-    QOS_NOT_MET = 7
-    METADATA_TOO_SMALL = 8
+from qkdsdn.etsi004 import Status  # noqa: E402,F401  (ETSI 004 codes, shared with the key managers)
 
 
 # --------------------------------------------------------------------------- routing, as admission needs it

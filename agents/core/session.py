@@ -26,46 +26,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Any, Mapping
+
+from qkdsdn.etsi004 import Status  # noqa: F401  (re-exported: agents.core.session.Status)
 
 from .forwarding import ForwardingEntry, Role
 
 UINT32_MAX = 2**32 - 1
 INTERFACES = ("004", "014")
 JSON_MIMETYPE = "application/json"
-
-
-class Status(IntEnum):
-    """ETSI GS QKD 004 V2.1.1 status codes (clause 6.1)."""
-
-    SUCCESSFUL = 0
-    PEER_NOT_CONNECTED = 1
-    INSUFFICIENT_KEY = 2
-    PEER_NOT_YET_CONNECTED = 3
-    NO_QKD_CONNECTION = 4
-    KSID_IN_USE = 5
-    TIMEOUT = 6
-    QOS_NOT_MET = 7
-    METADATA_SIZE_INSUFFICIENT = 8
-
-    @property
-    def meaning(self) -> str:
-        return _STATUS_MEANINGS[self]
-
-
-_STATUS_MEANINGS = {
-    Status.SUCCESSFUL: "Successful.",
-    Status.PEER_NOT_CONNECTED: "Successful connection, but peer not connected.",
-    Status.INSUFFICIENT_KEY: "GET_KEY failed because insufficient key available.",
-    Status.PEER_NOT_YET_CONNECTED: "GET_KEY failed because peer application is not yet connected.",
-    Status.NO_QKD_CONNECTION: "No QKD connection available.",
-    Status.KSID_IN_USE: "OPEN_CONNECT failed because the KSID is already in use.",
-    Status.TIMEOUT: "TIMEOUT_ERROR: the call failed because of the specified TIMEOUT.",
-    Status.QOS_NOT_MET: "OPEN failed because requested QoS settings could not be met, counter proposal included in return.",
-    Status.METADATA_SIZE_INSUFFICIENT: "GET_KEY failed because metadata field size insufficient; "
-                                       "the returned Metadata_size holds the minimum needed size.",
-}
 
 
 # ---------------------------------------------------------------------------------------------
