@@ -14,7 +14,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-import requests
 from flask import Flask, Response, request
 
 from agents import relay

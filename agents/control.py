@@ -24,9 +24,7 @@ class with bus clients.
 from __future__ import annotations
 
 import logging
-import math
 import threading
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -379,12 +377,3 @@ def _combine(qoss: list[dict[str, Any]]) -> dict[str, Any]:
             elif k == "Min_bps":
                 out[k] = max(out[k], v)
     return out
-
-
-def new_ksid() -> str:
-    return str(uuid.uuid4())
-
-
-def jitter_ms_for(bucket_bits: int, rate_bps: int) -> int:
-    """ETSI 015 has no bucket-size leaf: size = max_bandwidth × jitter / 1000 (docs/key-management.md)."""
-    return max(1, math.ceil(bucket_bits * 1000 / max(rate_bps, 1)))
