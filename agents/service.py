@@ -463,12 +463,27 @@ class KeyManagerAgent:
             for link_id, worker in self.workers.items():
                 try:
                     skr = worker.arrival_rate_bps()
-                    snap = worker.snapshot()
-                    qber = snap.get("qber")
+                    # The device's own view (QBER, a cut fibre) when it reports one (the twin's
+                    # status extension); the link-key worker asks for the status only when it
+                    # needs key, so a full pool would hide a cut or an eavesdropper.
+                    qber, device_state = None, None
+                    if worker.role == "master":
+                        try:
+                            device = worker.device.get_status()
+                            qber, device_state = device.qber, device.link_state
+                        except Exception as exc:  # noqa: BLE001 - no device status: key arrival decides
+                            log.debug("status of the device of %s unavailable: %s", link_id, exc)
+                    if qber is not None and not 0 <= qber <= 1:
+                        qber = None
                     self.node_state.set_link_performance(link_id, skr=skr, qber=qber)
-                    status = e015.LinkStatus.ACTIVE if skr > 0 or self.store.available_bits(link_id) > 0 \
-                        else e015.LinkStatus.PENDING
-                    self.node_state.set_link_status(link_id, status)
+                    if device_state == "cut":
+                        status = e015.LinkStatus.OFF
+                    elif skr > 0 or self.store.available_bits(link_id) > 0:
+                        status = e015.LinkStatus.ACTIVE
+                    else:
+                        status = e015.LinkStatus.PENDING
+                    self.node_state.set_link_status(link_id, status, "the QKD device reports the fibre cut"
+                                                    if status is e015.LinkStatus.OFF else None)
                 except Exception:  # noqa: BLE001 — monitoring never stops the agent
                     log.exception("performance update of %s failed", link_id)
 
