@@ -10,7 +10,6 @@ logic. See docs/key-management.md for the wire formats and rules.
 """
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import json
 import logging
@@ -24,20 +23,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import requests
-from flask import Flask, Response, request
+from flask import Flask
 
 from agents import relay
 from agents.control import (AdmissionRequest, AdmissionResult, ControlPlane, LocalControlPlane, RouteConfig)
 from agents.core.keymanager import (AnswerPeer, DeliverKey, EmitEvent, FetchFromSource, KeyManagerLogic,
                                     NeedAdmission, NeedAuthentication, ProduceKey, PurgeKeys, Reject, Reply,
-                                    SignalKeyRequest, Terminate, Wait, key_id_for, metadata_json)
+                                    SignalKeyRequest, Terminate, Wait, key_id_for)
 from agents.core.session import QoS, SessionConfig, Status
-from agents.keystore import InsufficientKey, KeyRefError, KeyStore, SessionKeyConflict
-from agents.linkkeys import LinkKeyProtocolError, LinkKeyWorker
+from agents.keystore import InsufficientKey, KeyStore
+from agents.linkkeys import LinkKeyWorker
 from agents.sdn_agent import (ConfigRejected, NodeState, SessionConfig as WireConfig, etsi_from_config,
                               restconf_blueprint)
 from agents.sdn_agent import Datastore
 from db.netfile import Link, Network
+from etsi015.session import virt_link_id
 from etsi015 import model as e015
 
 log = logging.getLogger("qkdsdn.agent")
@@ -50,17 +50,6 @@ PRUNE_PERIOD_S = 60.0
 # A relay message older than this can no longer name a consumed key (its references are
 # rejected as unknown instead of as consumed: refused either way).
 PRUNE_AFTER_S = 600.0
-# Namespace of the VIRT link ids: one id per session, the same at every node of its route.
-VIRT_NAMESPACE = uuid.UUID("1b7d9a52-3f0e-4c8a-9d21-5e6f7a8b9c0d")
-
-ETSI014_SIZE = "size shall be a multiple of 8"
-ETSI014_NOT_FOUND = "one or more keys specified are not found on KME"
-ETSI014_EXT_UNSUPPORTED = "not all extension_mandatory parameters are supported"
-
-
-def virt_link_id(ksid: str) -> str:
-    return str(uuid.uuid5(VIRT_NAMESPACE, ksid))
-
 
 @dataclass(frozen=True)
 class Caller:
