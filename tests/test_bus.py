@@ -792,10 +792,18 @@ def test_broker_as_a_subprocess():
         assert line.startswith("listening on mqtt://127.0.0.1:")
         url = line.split()[-1]
         with MQTTBus(url, "sp-a") as a, MQTTBus(url, "sp-b") as b:
+            assert a.wait_connected(WAIT) and b.wait_connected(WAIT)
             got = []
             a.subscribe("qkdsdn/sp/events", lambda t, p: got.append(p["n"]))
-            b.publish("qkdsdn/sp/events", {"n": 5})
-            wait_for(lambda: got == [5], "delivery through the subprocess broker")
+            # The subscription is live once the broker acknowledged it; until then a
+            # publish may pass it by, so publish again until one arrives (bounded).
+            deadline = time.monotonic() + WAIT
+            while not got and time.monotonic() < deadline:
+                b.publish("qkdsdn/sp/events", {"n": 5})
+                wait_until = time.monotonic() + 0.5
+                while not got and time.monotonic() < wait_until:
+                    time.sleep(0.02)
+            assert got and set(got) == {5}, "no delivery through the subprocess broker"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0
     finally:
