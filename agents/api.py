@@ -250,17 +250,25 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
 
     # ---------------------------------------------------------------- ETSI GS QKD 004 (docs/etsi004-mapping.md)
 
-    @app.post("/api/v1/qkd004/open_connect")
-    def open_connect() -> Response:
+    def call_004(members: set[str]) -> tuple[str, dict] | Response:
+        """The calling application and its JSON body, or the error answer (401, 400)."""
         caller = sae_caller()
         if caller is None or not local_app(caller):
             return _error(401, "")
         body = _body()
         if body is None:
             return _error(400, "the request body is not a JSON object")
-        unknown = set(body) - {"source", "destination", "QoS", "Key_stream_ID"}
+        unknown = set(body) - members
         if unknown:
             return _error(400, f"unknown member(s): {', '.join(sorted(unknown))}")
+        return caller, body
+
+    @app.post("/api/v1/qkd004/open_connect")
+    def open_connect() -> Response:
+        parsed = call_004({"source", "destination", "QoS", "Key_stream_ID"})
+        if isinstance(parsed, Response):
+            return parsed
+        caller, body = parsed
         try:
             qos = QoS.from_json(body["QoS"]) if body.get("QoS") is not None else None
         except (ValueError, TypeError) as exc:
@@ -282,15 +290,10 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
 
     @app.post("/api/v1/qkd004/get_key")
     def get_key() -> Response:
-        caller = sae_caller()
-        if caller is None or not local_app(caller):
-            return _error(401, "")
-        body = _body()
-        if body is None:
-            return _error(400, "the request body is not a JSON object")
-        unknown = set(body) - {"Key_stream_ID", "index", "Metadata_size"}
-        if unknown:
-            return _error(400, f"unknown member(s): {', '.join(sorted(unknown))}")
+        parsed = call_004({"Key_stream_ID", "index", "Metadata_size"})
+        if isinstance(parsed, Response):
+            return parsed
+        caller, body = parsed
         ksid = body.get("Key_stream_ID")
         side_of = km._side
         now = km.clock()
@@ -344,12 +347,10 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
 
     @app.post("/api/v1/qkd004/close")
     def close() -> Response:
-        caller = sae_caller()
-        if caller is None or not local_app(caller):
-            return _error(401, "")
-        body = _body()
-        if body is None or set(body) - {"Key_stream_ID"}:
-            return _error(400, "the body is {\"Key_stream_ID\": \"...\"}")
+        parsed = call_004({"Key_stream_ID"})
+        if isinstance(parsed, Response):
+            return parsed
+        caller, body = parsed
         now = km.clock()
         decision = km._start_call(km.logic.close, body.get("Key_stream_ID"), caller, now)
         answer = km._await(decision, _deadline(decision, now))
