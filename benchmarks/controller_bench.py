@@ -48,8 +48,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path as FsPath
 
 REPO = FsPath(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import logging  # noqa: E402
 
@@ -59,18 +60,7 @@ PAIRS = (("KM0", "KM1"), ("KM4", "KM5"), ("KM2", "KM3"))
 MQTT_DEFAULT = "mqtt://127.0.0.1:1883"
 WARMUP = 6
 
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from agent_harness import free_ports  # noqa: E402  (the tests' loopback port picker)
 
 
 def network_file(tmp: FsPath) -> FsPath:
