@@ -225,6 +225,9 @@ class KeyManagerAgent:
                 self.workers[link.qkdl_id] = LinkKeyWorker(link, role, device, self.store, notify_slave=notify,
                                                            clock=clock)
         self._recover_slave_sessions()
+        self._users: dict[str, str] = {}  # KSID -> authenticated user
+        self._hops: dict[str, int] = {}  # KSID -> trusted nodes on its route (004 metadata)
+        self._fingerprints: dict[str, str] = {}  # SAE -> its client certificate's fingerprint
         self.app = self._make_app()
         self.server = None
 
@@ -779,9 +782,6 @@ class KeyManagerAgent:
     def _make_app(self) -> Flask:
         app = Flask(f"qkdsdn-agent-{self.name}")
         app.config["MAX_CONTENT_LENGTH"] = 4 * 2 ** 20
-        self._users: dict[str, str] = {}
-        self._hops: dict[str, int] = {}
-        self._fingerprints: dict[str, str] = {}
 
         def authorize(environ: dict, method: str, path: str) -> bool:
             from agents.sdn_agent import AuthenticationRequired
