@@ -124,7 +124,8 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
             "source_KME_ID": km.name, "target_KME_ID": target.node, "master_SAE_ID": master,
             "slave_SAE_ID": slave, "key_size": DEFAULT_KEY_SIZE, "stored_key_count": stored,
             "max_key_count": max_count, "max_key_per_request": km.logic.max_keys_per_request,
-            "max_key_size": MAX_KEY_SIZE, "min_key_size": MIN_KEY_SIZE, "max_SAE_ID_count": 0,
+            "max_key_size": MAX_KEY_SIZE, "min_key_size": MIN_KEY_SIZE,
+            "max_SAE_ID_count": km.logic.max_additional_slaves,
             "status_extension": {"qkdsdn_route_hops": (len(route) - 2) if route else None}})
 
     @app.route("/api/v1/keys/<slave>/enc_keys", methods=["GET", "POST"])
@@ -142,12 +143,15 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
                 return _error(400, f"unknown member(s): {', '.join(sorted(unknown))}")
             if body.get("extension_mandatory"):
                 return _error(400, EXT_MANDATORY_UNSUPPORTED)
-            if body.get("additional_slave_SAE_IDs"):
-                return _error(400, "not all extension_mandatory request options could be met",
-                              [{"qkdsdn_reason": "multicast (additional_slave_SAE_IDs) is not offered: "
-                                                 "max_SAE_ID_count is 0"}])
+            extra = body.get("additional_slave_SAE_IDs", [])
+            if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+                return _error(400, "additional_slave_SAE_IDs must be an array of SAE IDs")
+            unknown_sae = [x for x in extra if x not in km._apps]
+            if unknown_sae:
+                return _error(400, f"unknown slave SAE '{unknown_sae[0]}'")
             number, size = body.get("number", 1), body.get("size", DEFAULT_KEY_SIZE)
         else:
+            extra = []
             try:
                 number = int(request.args.get("number", 1))
                 size = int(request.args.get("size", DEFAULT_KEY_SIZE))
@@ -163,7 +167,7 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
         if slave not in km._apps or slave == master:
             return _error(400, f"unknown slave SAE '{slave}'")
         now = km.clock()
-        decision = km._start_call(km.logic.enc_keys, master, slave, number, size, now)
+        decision = km._start_call(km.logic.enc_keys, master, slave, number, size, now, extra)
         answer = km._await(decision, _deadline(decision, now))
         if isinstance(answer, DeliverKey):
             keys = read_keys(answer, "source")
@@ -192,8 +196,7 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
             ids = request.args.getlist("key_ID")
             if len(ids) != 1:
                 return _error(400, "GET dec_keys takes exactly one key_ID")
-        with km._lock:
-            found = [km._key_ids.get(k.lower()) for k in ids]
+        found = [km.resolve_key_id(k, slave) for k in ids]
         if any(f is None for f in found) or len({f[0] for f in found}) != 1:
             return _error(400, KEYS_NOT_FOUND)
         if len(set(found)) != len(found):
@@ -221,7 +224,7 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
                 keys = read_keys(answer, "destination")
                 if isinstance(keys, Response):
                     return _error(400, KEYS_NOT_FOUND) if keys.status_code == 409 else keys
-                return _json({"keys": [{"key_ID": key_id_for(ksid, i), "key": base64.b64encode(d).decode()}
+                return _json({"keys": [{"key_ID": km.key_id_of(ksid, i), "key": base64.b64encode(d).decode()}
                                        for i, d in keys]})
         return _answer_014(answer)
 
@@ -245,8 +248,10 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
                     return _error(400, KEYS_NOT_FOUND)
                 out.append((index, data))
         km._emit_raw("key_returned", ksid, call="dec_keys", count=len(out), recovered=True)
+        answer = _json({"keys": [{"key_ID": km.key_id_of(ksid, i), "key": base64.b64encode(d).decode()}
+                                 for i, d in out]})
         km.forget_orphan_if_done(ksid)
-        return _json({"keys": [{"key_ID": key_id_for(ksid, i), "key": base64.b64encode(d).decode()} for i, d in out]})
+        return answer
 
     # ---------------------------------------------------------------- ETSI GS QKD 004 (docs/etsi004-mapping.md)
 
@@ -447,13 +452,19 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
         if not route.accept:
             return not_ready(msg.ksid) or rejected(kind, 409, route.reason, msg.ksid)
         payload = opened[0]
+        group = getattr(msg, "group", None)
         if route.local:
             hops = (msg.hop - 1) if kind == "forward" else 0
+            known_group = km._session_group.get(msg.ksid)
+            if known_group is not None and group != known_group:
+                return rejected(kind, 409, "the key's multicast group is not the session's", msg.ksid)
+            if group is not None:
+                km.slave_sessions.set_group(msg.ksid, group)  # on disk before the key: key_IDs after a restart
             try:
                 km.store.put_session_key(msg.ksid, msg.index, payload.key, sides=("destination",))
             except SessionKeyConflict:
                 return rejected(kind, 409, "a different key with that index is already stored", msg.ksid)
-            km._remember_key(msg.ksid, msg.index, hops)
+            km._remember_key(msg.ksid, msg.index, hops, group=group)
             km._hops[msg.ksid] = hops
             confirm = relay.seal_confirm(ksid=msg.ksid, index=msg.index, msg_id=msg.msg_id,
                                          source_node=msg.source_node, destination_node=msg.destination_node,
@@ -470,7 +481,8 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
             return _error(503, f"insufficient link key towards {route.node}")
         onward = relay.seal_forward(ksid=msg.ksid, index=msg.index, msg_id=msg.msg_id, link=next_link.qkdl_id,
                                     hop=msg.hop + 1, source_node=msg.source_node,
-                                    destination_node=msg.destination_node, payload=payload, slices=slices)
+                                    destination_node=msg.destination_node, payload=payload, slices=slices,
+                                    group=group)
         km.workers.get(next_link.qkdl_id) and km.workers[next_link.qkdl_id].wake()
         km._emit_raw("relay_forwarded", msg.ksid, index=msg.index, to=route.node)
         try:

@@ -137,10 +137,15 @@ class KeyManagerClient:
     def status(self, slave_sae_id: str) -> dict:
         return self._call014("GET", f"{slave_sae_id}/status")
 
-    def enc_keys(self, slave_sae_id: str, number: int = 1, size: int | None = None) -> list[tuple[str, bytes]]:
+    def enc_keys(self, slave_sae_id: str, number: int = 1, size: int | None = None,
+                 additional_slave_sae_ids: list[str] | None = None) -> list[tuple[str, bytes]]:
+        """New keys for the slave SAE (and, multicast, for every additional slave SAE too:
+        each gets the same keys under the same key_IDs with its own dec_keys)."""
         body: dict[str, Any] = {"number": number}
         if size is not None:
             body["size"] = size
+        if additional_slave_sae_ids:
+            body["additional_slave_SAE_IDs"] = list(additional_slave_sae_ids)
         out = self._call014("POST", f"{slave_sae_id}/enc_keys", json=body)
         return [(k["key_ID"], base64.b64decode(k["key"])) for k in out["keys"]]
 

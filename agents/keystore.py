@@ -690,6 +690,30 @@ class KeyStore:
                         int("source" in want), int("destination" in want)))
             return True
 
+    def group_key(self, group: str, index: int, make: Callable[[], bytes], *, now: float | None = None) -> bytes:
+        """Key ``index`` of an ETSI 014 multicast group at its source key manager.
+
+        The first caller's ``make()`` bytes are stored (for one delivery to the master SAE,
+        under ``(group, index)``); every caller gets the stored bytes, so each slave's
+        relay carries the same key. Not for delivery: that is ``get_session_key``.
+        """
+        _check_id(group, "group")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"index must be a non-negative integer, got {index!r}")
+        at = time.time() if now is None else float(now)
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM session_keys WHERE ksid=? AND idx=?", (group, index)).fetchone()
+            if row is not None:
+                if row[0] is None:
+                    raise AlreadyDelivered(f"group {group}: key index {index} was already delivered")
+                return bytes(row[0])
+            data = bytes(make())
+            if not data:
+                raise ValueError("a group key must be non-empty bytes")
+            db.execute("INSERT INTO session_keys (ksid, idx, data, state, created_at, want_source, "
+                       "want_destination) VALUES (?, ?, ?, 'ready', ?, 1, 0)", (group, index, data, at))
+            return data
+
     def confirm_session_key(self, ksid: str, index: int) -> bool:
         """Release an unconfirmed session key for delivery; False if it was not unconfirmed."""
         with self._tx() as db:

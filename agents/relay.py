@@ -123,13 +123,13 @@ def _b64enc(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _members(kind: str, obj: Any, members: Sequence[str]) -> Mapping[str, Any]:
+def _members(kind: str, obj: Any, members: Sequence[str], optional: Sequence[str] = ()) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping):
         raise RelayFormatError(f"{kind} message: must be a JSON object")
     missing = [m for m in members if m not in obj]
     if missing:
         raise RelayFormatError(f"{kind} message: missing member '{missing[0]}'")
-    unknown = sorted(str(k) for k in obj if k not in members)
+    unknown = sorted(str(k) for k in obj if k not in members and k not in optional)
     if unknown:
         raise RelayFormatError(f"{kind} message: unknown member '{unknown[0]}'")
     return obj
@@ -446,13 +446,15 @@ def _enc_refs(refs: Sequence[KeyRef]) -> bytes:
 
 def forward_header(ksid: str, index: int, msg_id: str, link: str, hop: int, source_node: str,
                    destination_node: str, pad_refs: Sequence[KeyRef],
-                   mac_refs: Sequence[KeyRef]) -> bytes:
+                   mac_refs: Sequence[KeyRef], group: str | None = None) -> bytes:
     """Canonical, self-delimiting encoding of a forward message's header fields:
-    fixed-width UUIDs and integers, count-prefixed ref lists."""
+    fixed-width UUIDs and integers, count-prefixed ref lists, and the optional
+    multicast group as a presence byte and a UUID."""
     return b"".join([
         _DOMAIN, b"forward\x00", _enc_uuid(ksid), struct.pack(">Q", index), _enc_uuid(msg_id),
         _enc_uuid(link), struct.pack(">H", hop), _enc_uuid(source_node),
-        _enc_uuid(destination_node), _enc_refs(pad_refs), _enc_refs(mac_refs)])
+        _enc_uuid(destination_node), _enc_refs(pad_refs), _enc_refs(mac_refs),
+        b"\x00" if group is None else b"\x01" + _enc_uuid(group)])
 
 
 def deliver_header(ksid: str, index: int, msg_id: str, link: str, source_node: str,
@@ -497,12 +499,16 @@ class ForwardMessage(_Json):
 
     ``msg_id`` stays the same along the route; ``link`` and ``hop`` (1 on the
     first link) change at every trusted node, as do the refs, ciphertext and tag.
+    ``group`` (optional, authenticated like the rest of the header) names the
+    ETSI 014 multicast group the key belongs to: the destination derives the
+    key's key_ID from it instead of from ``ksid`` (docs/relay.md).
     """
 
     KIND: ClassVar[str] = "forward"
     MEMBERS: ClassVar[tuple[str, ...]] = (
         "ksid", "index", "msg_id", "link", "hop", "source_node", "destination_node",
         "pad_refs", "mac_refs", "ciphertext", "tag")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("group",)
 
     ksid: str
     index: int
@@ -515,11 +521,14 @@ class ForwardMessage(_Json):
     mac_refs: tuple[KeyRef, ...]
     ciphertext: bytes = field(repr=False)
     tag: bytes = field(repr=False)
+    group: str | None = None
 
     def __post_init__(self) -> None:
         k, s = self.KIND, object.__setattr__
         for m in ("ksid", "link", "source_node", "destination_node"):
             s(self, m, _uuid(k, m, getattr(self, m)))
+        if self.group is not None:
+            s(self, "group", _uuid(k, "group", self.group))
         s(self, "msg_id", _uuid(k, "msg_id", self.msg_id, v4=True))
         _int(k, "index", self.index, 0, MAX_INT)
         _int(k, "hop", self.hop, 1, MAX_HOPS)
@@ -548,30 +557,36 @@ class ForwardMessage(_Json):
     def header(self) -> bytes:
         return forward_header(self.ksid, self.index, self.msg_id, self.link, self.hop,
                               self.source_node, self.destination_node, self.pad_refs,
-                              self.mac_refs)
+                              self.mac_refs, self.group)
 
     def consumed_refs(self) -> list[KeyRef]:
         """The link-key ranges the receiver consumes, in the order ``open_forward`` expects."""
         return [*self.pad_refs, *self.mac_refs]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ksid": self.ksid, "index": self.index, "msg_id": self.msg_id, "link": self.link,
-                "hop": self.hop, "source_node": self.source_node,
-                "destination_node": self.destination_node,
-                "pad_refs": [r.to_dict() for r in self.pad_refs],
-                "mac_refs": [r.to_dict() for r in self.mac_refs],
-                "ciphertext": _b64enc(self.ciphertext), "tag": _b64enc(self.tag)}
+        out = {"ksid": self.ksid, "index": self.index, "msg_id": self.msg_id, "link": self.link,
+               "hop": self.hop, "source_node": self.source_node,
+               "destination_node": self.destination_node,
+               "pad_refs": [r.to_dict() for r in self.pad_refs],
+               "mac_refs": [r.to_dict() for r in self.mac_refs],
+               "ciphertext": _b64enc(self.ciphertext), "tag": _b64enc(self.tag)}
+        if self.group is not None:
+            out["group"] = self.group
+        return out
 
     @classmethod
     def from_dict(cls, obj: Any) -> ForwardMessage:
         k = cls.KIND
-        o = _members(k, obj, cls.MEMBERS)
+        o = _members(k, obj, cls.MEMBERS, cls.OPTIONAL)
+        if "group" in o and o["group"] is None:
+            raise _fail(k, "group", "must be a UUID when present")
         return cls(ksid=o["ksid"], index=o["index"], msg_id=o["msg_id"], link=o["link"],
                    hop=o["hop"], source_node=o["source_node"],
                    destination_node=o["destination_node"],
                    pad_refs=_refs_from_json(k, "pad_refs", o["pad_refs"]),
                    mac_refs=_refs_from_json(k, "mac_refs", o["mac_refs"]),
-                   ciphertext=_b64(k, "ciphertext", o["ciphertext"]), tag=_b64(k, "tag", o["tag"]))
+                   ciphertext=_b64(k, "ciphertext", o["ciphertext"]), tag=_b64(k, "tag", o["tag"]),
+                   group=o.get("group"))
 
 
 @dataclass(frozen=True)
@@ -793,10 +808,11 @@ class LinkKeysAnswer(_Json):
 
 def seal_forward(*, ksid: str, index: int, msg_id: str, link: str, hop: int, source_node: str,
                  destination_node: str, payload: RelayPayload,
-                 slices: Iterable[Any]) -> ForwardMessage:
+                 slices: Iterable[Any], group: str | None = None) -> ForwardMessage:
     """Encrypt and tag ``payload`` for ``link``. ``slices`` is the link-key
     material taken for it (``link_key_bits_needed(payload.key_bits)`` bits, as
-    the store's ``take`` returns it): the pad comes first, the MAC key last."""
+    the store's ``take`` returns it): the pad comes first, the MAC key last.
+    ``group``: the ETSI 014 multicast group of the key, or None."""
     if not isinstance(payload, RelayPayload):
         raise TypeError("payload must be a RelayPayload")
     plaintext = payload.to_bytes()
@@ -806,11 +822,13 @@ def seal_forward(*, ksid: str, index: int, msg_id: str, link: str, hop: int, sou
         _uuid("forward", "ksid", ksid), _int("forward", "index", index, 0, MAX_INT),
         _uuid("forward", "msg_id", msg_id, v4=True), _uuid("forward", "link", link),
         _int("forward", "hop", hop, 1, MAX_HOPS), _uuid("forward", "source_node", source_node),
-        _uuid("forward", "destination_node", destination_node), pad.refs, mac.refs)
+        _uuid("forward", "destination_node", destination_node), pad.refs, mac.refs,
+        None if group is None else _uuid("forward", "group", group))
     ciphertext, tag = seal(plaintext, pad.data, mac.data, header)
     return ForwardMessage(ksid=ksid, index=index, msg_id=msg_id, link=link, hop=hop,
                           source_node=source_node, destination_node=destination_node,
-                          pad_refs=pad.refs, mac_refs=mac.refs, ciphertext=ciphertext, tag=tag)
+                          pad_refs=pad.refs, mac_refs=mac.refs, ciphertext=ciphertext, tag=tag,
+                          group=group)
 
 
 def open_forward(msg: ForwardMessage, data: bytes) -> RelayPayload:
@@ -837,7 +855,8 @@ def reencrypt(msg: ForwardMessage, data: bytes, next_link: str,
     payload = open_forward(msg, data)
     return seal_forward(ksid=msg.ksid, index=msg.index, msg_id=msg.msg_id, link=next_link,
                         hop=msg.hop + 1, source_node=msg.source_node,
-                        destination_node=msg.destination_node, payload=payload, slices=slices)
+                        destination_node=msg.destination_node, payload=payload, slices=slices,
+                        group=msg.group)
 
 
 def seal_deliver(*, ksid: str, index: int, msg_id: str, link: str, source_node: str,

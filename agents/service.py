@@ -31,7 +31,7 @@ from agents.core.keymanager import (AnswerPeer, DeliverKey, EmitEvent, FetchFrom
                                     NeedAdmission, NeedAuthentication, ProduceKey, PurgeKeys, Reject, Reply,
                                     SignalKeyRequest, Terminate, Wait, key_id_for)
 from agents.core.session import QoS, SessionConfig, Status
-from agents.keystore import InsufficientKey, KeyStore
+from agents.keystore import AlreadyDelivered, InsufficientKey, KeyStore
 from agents.linkkeys import LinkKeyWorker
 from agents.sdn_agent import (ConfigRejected, NodeState, SessionConfig as WireConfig, etsi_from_config,
                               restconf_blueprint)
@@ -126,9 +126,21 @@ class SlaveSessions:
     def add(self, ksid: str, source_sae: str, destination_sae: str, retain_s: float) -> None:
         record = {"source_sae": source_sae, "destination_sae": destination_sae, "retain_s": float(retain_s)}
         with self._lock:
-            if self._records.get(ksid) == record:
+            old = self._records.get(ksid)
+            if old is not None and "group" in old:
+                record["group"] = old["group"]
+            if old == record:
                 return
             self._records[ksid] = record
+            self._save()
+
+    def set_group(self, ksid: str, group: str) -> None:
+        """The session is a member of an ETSI 014 multicast group: its key_IDs derive from it."""
+        with self._lock:
+            record = self._records.get(ksid)
+            if record is None or record.get("group") == group:
+                return
+            record["group"] = group
             self._save()
 
     def remove(self, ksid: str) -> None:
@@ -151,7 +163,8 @@ class KeyManagerAgent:
     def __init__(self, network: Network, node: str, *, state_dir: str | Path, pki: Any = None,
                  insecure_dev: bool = False, control: ControlPlane | None = None, host: str | None = None,
                  port: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 link_workers: bool = True, pool_max_bits: int = 8 * 2 ** 20, bus: Any = None):
+                 link_workers: bool = True, pool_max_bits: int = 8 * 2 ** 20, bus: Any = None,
+                 max_sae_id_count: int = 16):
         from qkdsdn.pki import PkiLayout
 
         if pki is None and not insecure_dev:
@@ -167,7 +180,7 @@ class KeyManagerAgent:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = KeyStore(self.state_dir / f"{node}.keystore.sqlite", pool_max_bits=pool_max_bits)
-        self.logic = KeyManagerLogic(node)
+        self.logic = KeyManagerLogic(node, max_additional_slaves=max_sae_id_count)
         self._lock = threading.RLock()
         self._calls: dict[str, _Pending] = {}
         self._wake = threading.Event()
@@ -184,6 +197,10 @@ class KeyManagerAgent:
         self._links_by_id = {link.qkdl_id: link for link in self._links.values()}
         self._key_meta: dict[tuple[str, int], tuple[float, int]] = {}  # (ksid, index) -> (stored at, hops)
         self._key_ids: dict[str, tuple[str, int]] = {}  # ETSI 014 key_ID -> (ksid, index)
+        # Multicast: one key_ID names a copy per member session; two slaves on this node each have one.
+        self._member_key_ids: dict[tuple[str, str], tuple[str, int]] = {}  # (key_ID, slave SAE) -> (ksid, index)
+        self._session_group: dict[str, str] = {}  # member session KSID -> its multicast group
+        self._group_slaves: dict[str, set[str]] = {}  # multicast group -> its slave SAEs served here
         self._producing: dict[tuple[str, int], concurrent.futures.Future] = {}
         # ETSI 014 destination sessions on disk; those from before a restart ("orphans": no session
         # in the logic any more) keep their undelivered keys deliverable until their retention ends.
@@ -392,8 +409,7 @@ class KeyManagerAgent:
                 with self._lock:
                     for k in [k for k in self._key_meta if k[0] == a.ksid]:
                         del self._key_meta[k]
-                    for kid in [kid for kid, v in self._key_ids.items() if v[0] == a.ksid]:
-                        del self._key_ids[kid]
+                    self._forget_key_ids(a.ksid)
             else:  # pragma: no cover — a new action type must be handled here
                 log.error("unhandled action %r", a)
 
@@ -652,8 +668,18 @@ class KeyManagerAgent:
         if session is None:
             return ("failed", int(Status.NO_QKD_CONNECTION), "session gone")
         dest_app = self._apps.get(session.destination_sae)
-        adjacent = dest_app is not None and dest_app.node == a.next_hop
+        # A multicast member's key is the group's: one-time-padded even to a neighbour, since a
+        # deliver names link key as the key and each member has its own link.
+        adjacent = dest_app is not None and dest_app.node == a.next_hop and a.group is None
         msg_id = str(uuid.uuid4())
+        group_key = None
+        if a.group is not None:
+            try:
+                group_key = self.store.group_key(a.group, a.index, lambda: os.urandom(a.bits // 8))
+            except AlreadyDelivered:
+                return ("failed", int(Status.NO_QKD_CONNECTION), "the multicast key was delivered already")
+            if len(group_key) * 8 != a.bits:
+                return ("failed", int(Status.NO_QKD_CONNECTION), "the multicast key has another size")
         try:
             slices = self.store.take(link.qkdl_id, role, needed)
         except InsufficientKey:
@@ -665,9 +691,11 @@ class KeyManagerAgent:
                                               slices=slices)
             path, hops = "/relay/v1/deliver", 0
         else:
-            payload = relay.RelayPayload.generate(a.bits)
+            payload = relay.RelayPayload.generate(a.bits) if group_key is None else \
+                relay.RelayPayload(group_key, os.urandom(relay.CONFIRM_KEY_BYTES))
             msg = relay.seal_forward(ksid=a.ksid, index=a.index, msg_id=msg_id, link=link.qkdl_id, hop=1,
-                                     source_node=me, destination_node=dest, payload=payload, slices=slices)
+                                     source_node=me, destination_node=dest, payload=payload, slices=slices,
+                                     group=a.group)
             path, hops = "/relay/v1/forward", None
         self.workers.get(link.qkdl_id) and self.workers[link.qkdl_id].wake()
         try:
@@ -683,6 +711,8 @@ class KeyManagerAgent:
             return ("failed", int(Status.NO_QKD_CONNECTION), "relay failed")
         if hops is None:
             hops = int(answer.get("hops", 0))
+        if a.group is not None:
+            return ("ready",)  # the master's copy is the group's, stored before the relay
         self.store.put_session_key(a.ksid, a.index, payload.key, sides=(self._side(a.ksid),))
         self._remember_key(a.ksid, a.index, hops)
         return ("ready",)
@@ -701,8 +731,11 @@ class KeyManagerAgent:
                 self.slave_sessions.remove(ksid)
                 continue
             self._orphans[ksid] = now + float(record["retain_s"])
+            group = record.get("group")
+            if group is not None:
+                self._session_group[ksid] = group
             for index in waiting:
-                self._key_ids[key_id_for(ksid, index)] = (ksid, index)
+                self._register_key_id(ksid, index, record["destination_sae"])
             self._emit_raw("keys_recovered", ksid, count=len(waiting))
 
     def orphan_session(self, ksid: str) -> dict[str, Any] | None:
@@ -718,8 +751,7 @@ class KeyManagerAgent:
     def _drop_orphan(self, ksid: str) -> None:
         with self._lock:
             self._orphans.pop(ksid, None)
-            for kid in [kid for kid, v in self._key_ids.items() if v[0] == ksid]:
-                del self._key_ids[kid]
+            self._forget_key_ids(ksid)
         self.store.drop_session(ksid)
         self.slave_sessions.remove(ksid)
 
@@ -751,10 +783,51 @@ class KeyManagerAgent:
     def _has_key(self, ksid: str, index: int) -> bool:
         return any(info.index == index for info in self.store.list_session_keys(ksid))
 
-    def _remember_key(self, ksid: str, index: int, hops: int) -> None:
+    def _remember_key(self, ksid: str, index: int, hops: int, group: str | None = None) -> None:
         with self._lock:
             self._key_meta[(ksid, index)] = (time.time(), hops)
-            self._key_ids[key_id_for(ksid, index)] = (ksid, index)
+            session = self.logic.session(ksid)
+            if group is not None:
+                self._session_group[ksid] = group
+            self._register_key_id(ksid, index, session.destination_sae if session is not None else None)
+        if group is not None:
+            self.slave_sessions.set_group(ksid, group)
+
+    def key_id_of(self, ksid: str, index: int) -> str:
+        """The ETSI 014 key_ID of key ``index`` of a session (of its group for a multicast member)."""
+        return key_id_for(self._session_group.get(ksid, ksid), index)
+
+    def resolve_key_id(self, key_id: str, slave_sae: str) -> tuple[str, int] | None:
+        """(ksid, index) that a dec_keys of ``slave_sae`` names with ``key_id``: its own copy of a
+        multicast key first; else whatever session holds that key_ID here (the logic answers 401
+        when that is another SAE's)."""
+        kid = key_id.lower()
+        with self._lock:
+            own = self._member_key_ids.get((kid, slave_sae))
+            if own is not None:
+                return own
+            found = self._key_ids.get(kid)
+            group = self._session_group.get(found[0]) if found is not None else None
+            if group is not None and slave_sae in self._group_slaves.get(group, ()):
+                return None  # a slave of the group whose own copy is gone (delivered): not found
+            return found
+
+    def _register_key_id(self, ksid: str, index: int, destination_sae: str | None) -> None:
+        kid = self.key_id_of(ksid, index)
+        self._key_ids[kid] = (ksid, index)
+        if ksid in self._session_group and destination_sae is not None:
+            self._member_key_ids[(kid, destination_sae)] = (ksid, index)
+            self._group_slaves.setdefault(self._session_group[ksid], set()).add(destination_sae)
+
+    def _forget_key_ids(self, ksid: str) -> None:
+        """Under self._lock: the session's keys are gone."""
+        for kid in [kid for kid, v in self._key_ids.items() if v[0] == ksid]:
+            del self._key_ids[kid]
+        for k in [k for k, v in self._member_key_ids.items() if v[0] == ksid]:
+            del self._member_key_ids[k]
+        group = self._session_group.pop(ksid, None)
+        if group is not None and group not in self._session_group.values():
+            self._group_slaves.pop(group, None)
 
     def _fetch(self, a: FetchFromSource) -> None:
         try:

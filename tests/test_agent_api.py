@@ -138,7 +138,7 @@ def test_014_status_document(net, km0, spec):
     assert (st["source_KME_ID"], st["target_KME_ID"], st["master_SAE_ID"], st["slave_SAE_ID"]) == (
         "KM0", "KM1", "SAE-KM0", "SAE-KM1")
     assert (st["key_size"], st["min_key_size"], st["max_key_size"]) == (256, 64, 8192)
-    assert st["max_key_per_request"] == 128 and st["max_SAE_ID_count"] == 0
+    assert st["max_key_per_request"] == 128 and st["max_SAE_ID_count"] == 16
     assert 0 < st["stored_key_count"] <= st["max_key_count"]
     assert st["status_extension"] == {"qkdsdn_route_hops": 0}
     # A relayed pair: the target is the slave's key manager, one trusted node in between.
@@ -189,19 +189,59 @@ def test_014_a_key_is_delivered_once(km0, km1):
     ({"number": 0}, None, "number must be a positive integer"),
     ({"number": "2"}, None, "number and size must be integers"),
     ({"extension_mandatory": [{"vendor_option": True}]}, None, EXT_MANDATORY),
-    ({"additional_slave_SAE_IDs": ["SAE-KM4"]}, None, "not all extension_mandatory request options could be met"),
+    ({"additional_slave_SAE_IDs": ["SAE-NOWHERE"]}, None, "unknown slave SAE 'SAE-NOWHERE'"),
+    ({"additional_slave_SAE_IDs": "SAE-KM4"}, None, "additional_slave_SAE_IDs must be an array of SAE IDs"),
+    ({"additional_slave_SAE_IDs": ["SAE-KM4", "SAE-KM4"]}, None, "additional_slave_SAE_IDs names a slave SAE twice"),
+    ({"additional_slave_SAE_IDs": ["SAE-KM1"]}, None, "additional_slave_SAE_IDs names a slave SAE twice"),
+    ({"additional_slave_SAE_IDs": ["SAE-KM0"]}, None, "the master SAE cannot be one of its slave SAEs"),
+    ({"additional_slave_SAE_IDs": [f"SAE-X{i}" for i in range(17)]}, None, "unknown slave SAE 'SAE-X0'"),
 ], ids=["size-not-multiple-post", "size-not-multiple-get", "size-below-min", "size-above-max",
         "number-above-max-post", "number-above-max-get", "number-zero", "number-not-integer",
-        "extension-mandatory", "multicast"])
+        "extension-mandatory", "multicast-unknown-slave", "multicast-not-an-array", "multicast-repeated-slave",
+        "multicast-slave-twice", "multicast-master-as-slave", "multicast-too-many"])
 def test_014_enc_keys_errors(km0, body, params, message):
     resp = km0.enc("SAE-KM1", body, params)
     assert resp.status_code == 400
     assert resp.json()["message"] == message
 
 
-def test_014_multicast_refusal_says_why(km0):
-    details = km0.enc("SAE-KM1", {"additional_slave_SAE_IDs": ["SAE-KM4"]}).json()["details"]
-    assert "max_SAE_ID_count is 0" in details[0]["qkdsdn_reason"]
+def test_014_multicast_every_slave_gets_the_same_keys_once(net, spec):
+    """additional_slave_SAE_IDs: one key_ID, the same bytes at every slave (adjacent and relayed
+    over two hops), each slave served once; an SAE that is not a slave gets 401 where a copy is."""
+    master = Api014(net, spec, "SAE-KM1")
+    assert master.status("SAE-KM0").json()["max_SAE_ID_count"] == 16
+    made = keys_of(master.enc("SAE-KM0", {"number": 3, "size": 512,
+                                          "additional_slave_SAE_IDs": ["SAE-KM4", "SAE-KM5"]}))
+    assert len(made) == 3 and all(len(k) == 64 for k in made.values())
+    ids = list(made)
+    for slave in ("SAE-KM0", "SAE-KM4", "SAE-KM5"):
+        api = Api014(net, spec, slave)
+        assert keys_of(api.dec("SAE-KM1", ids[:2])) == {k: made[k] for k in ids[:2]}
+        assert keys_of(api.dec("SAE-KM1", params={"key_ID": ids[2]})) == {ids[2]: made[ids[2]]}
+        again = api.dec("SAE-KM1", [ids[0]])
+        assert again.status_code == 400 and again.json()["message"] == NOT_FOUND
+    # The next call of the group: new key_IDs, new keys.
+    more = keys_of(master.enc("SAE-KM4", {"additional_slave_SAE_IDs": ["SAE-KM0", "SAE-KM5"]}))
+    assert not set(more) & set(made) and not set(more.values()) & set(made.values())
+    assert keys_of(Api014(net, spec, "SAE-KM5").dec("SAE-KM1", list(more))) == more
+    # Keys of the pair SAE-KM1 -> SAE-KM0 alone are not the group's.
+    alone = keys_of(master.enc("SAE-KM0", {"number": 1}))
+    assert not set(alone) & set(made)
+    assert Api014(net, spec, "SAE-KM4").dec("SAE-KM1", list(alone)).status_code == 400
+
+
+def test_014_multicast_to_two_slaves_on_one_node_and_401_for_others(net, spec, km0, km1):
+    made = keys_of(km0.enc("SAE-KM1", {"number": 2, "additional_slave_SAE_IDs": [OTHER]}))
+    ids = list(made)
+    other = Api014(net, spec, OTHER)
+    assert keys_of(other.dec("SAE-KM0", ids)) == made
+    assert keys_of(km1.dec("SAE-KM0", ids)) == made
+    assert other.dec("SAE-KM0", ids[:1]).status_code == 400  # each copy once
+    # Keys made for SAE-KM1 and SAE-KM4 only: the other application on KM1 is not a slave of them.
+    only = keys_of(km0.enc("SAE-KM1", {"additional_slave_SAE_IDs": ["SAE-KM4"]}))
+    resp = other.dec("SAE-KM0", list(only))
+    assert resp.status_code == 401 and resp.content == b""
+    assert keys_of(km1.dec("SAE-KM0", list(only))) == only
 
 
 @pytest.mark.parametrize("slave", ["SAE-NOWHERE", "SAE-KM0"], ids=["unknown", "itself"])

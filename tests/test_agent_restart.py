@@ -182,6 +182,10 @@ def test_kill_9_and_restart_loses_and_reuses_no_key(net, tmp_path):
         from_r1 = a1.enc_keys("SAE-R2", number=3)
         assert a2.dec_keys("SAE-R1", [k for k, _ in from_r1]) == from_r1
         delivered += [k for _, k in to_r1[:2] + from_r1]
+        # Multicast to both applications of R1 and to R2: R1's copies wait across the crash.
+        group = a0.enc_keys("SAE-R1", number=2, additional_slave_sae_ids=["SAE-R1-B", "SAE-R2"])
+        assert a2.dec_keys("SAE-R0", [k for k, _ in group]) == group
+        delivered += [k for _, k in group]
 
         # Relayed through R1 while it is killed.
         progress, failures = [], []
@@ -222,6 +226,12 @@ def test_kill_9_and_restart_loses_and_reuses_no_key(net, tmp_path):
             a1.dec_keys("SAE-R0", [to_r1[2][0]])
         assert again.value.status == 400
         delivered += [k for _, k in to_r1[2:]]
+        # Each application of R1 gets the multicast keys made before the crash, under their key_IDs, once.
+        for sae in ("SAE-R1", "SAE-R1-B"):
+            assert net.client(sae).dec_keys("SAE-R0", [k for k, _ in group]) == group
+            with pytest.raises(ETSI014Error) as again:
+                net.client(sae).dec_keys("SAE-R0", [group[0][0]])
+            assert again.value.status == 400
 
         # New keys through and from the restarted agent: identical at both ends.
         for master, slave, m, s in ((a0, a1, "SAE-R0", "SAE-R1"), (a1, a2, "SAE-R1", "SAE-R2"),

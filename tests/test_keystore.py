@@ -475,3 +475,26 @@ def test_failed_verification_consumes_nothing(tmp_path):
         seen = []
         assert slave.consume_refs(LINK, refs, verify=seen.append) == b"".join(s.data for s in sent)
         assert len(seen) == 1
+
+
+def test_group_key_is_made_once_and_delivered_once_to_the_master(tmp_path):
+    group = "99999999-9999-4999-8999-999999999999"
+    made = []
+
+    def make():
+        made.append(os.urandom(32))
+        return made[-1]
+
+    with KeyStore(tmp_path / "ks.sqlite") as store:
+        first = store.group_key(group, 0, make)
+        assert store.group_key(group, 0, make) == first and made == [first]  # every member relays these bytes
+        assert store.get_session_key(group, 0, "source") == first
+        with pytest.raises(AlreadyDelivered):
+            store.group_key(group, 0, make)  # delivered: no member relays it any more
+        with pytest.raises(AlreadyDelivered):
+            store.get_session_key(group, 0, "source")
+        with pytest.raises(ValueError):
+            store.get_session_key(group, 0, "destination")
+        assert store.group_key(group, 1, make) != first
+    with KeyStore(tmp_path / "ks.sqlite") as store:  # durable: the same bytes after a restart
+        assert store.group_key(group, 1, make) == made[1] and len(made) == 2

@@ -619,3 +619,47 @@ def test_no_key_bytes_in_repr_str_or_errors(rng, ends):
     for text in texts + errors:
         for leak in secret_spellings(*secrets):
             assert leak not in text
+
+
+# --------------------------------------------------------------------------- multicast group member
+
+def test_forward_group_is_authenticated_and_round_trips(rng, ends):
+    pool = LinkPool(rng)
+    payload = RelayPayload.generate(256, rng.randbytes)
+    group = uid(rng)
+    msg = seal_forward(**ends, index=2, msg_id=uid(rng), link=pool.link, hop=1, payload=payload,
+                       slices=pool.take(link_key_bits_needed(256)), group=group)
+    wire = msg.to_dict()
+    assert wire["group"] == group
+    again = ForwardMessage.from_dict(json.loads(json.dumps(wire)))
+    assert again == msg and again.group == group
+    assert open_forward(again, pool.read(again.consumed_refs())) == payload
+    # Another group, no group, or a group added to a message sealed without one: the tag fails.
+    for forged in ({**wire, "group": uid(rng)}, {k: v for k, v in wire.items() if k != "group"}):
+        with pytest.raises(RelayAuthError):
+            open_forward(ForwardMessage.from_dict(forged), pool.read(msg.consumed_refs()))
+    plain_pool = LinkPool(rng)
+    plain = seal_forward(**ends, index=3, msg_id=uid(rng), link=plain_pool.link, hop=1, payload=payload,
+                         slices=plain_pool.take(link_key_bits_needed(256)))
+    assert "group" not in plain.to_dict() and plain.group is None
+    with pytest.raises(RelayAuthError):
+        open_forward(ForwardMessage.from_dict({**plain.to_dict(), "group": group}),
+                     plain_pool.read(plain.consumed_refs()))
+
+
+def test_forward_group_must_be_a_uuid(rng, ends):
+    _pool, _payload, msg = one_hop(rng, ends)
+    for bad in (None, "not-a-uuid", 7):
+        with pytest.raises(RelayFormatError, match="group"):
+            ForwardMessage.from_dict({**msg.to_dict(), "group": bad})
+
+
+def test_reencrypt_keeps_the_group(rng, ends):
+    first, nxt = LinkPool(rng), LinkPool(rng)
+    payload = RelayPayload.generate(128, rng.randbytes)
+    group = uid(rng)
+    msg = seal_forward(**ends, index=0, msg_id=uid(rng), link=first.link, hop=1, payload=payload,
+                       slices=first.take(link_key_bits_needed(128)), group=group)
+    onward = reencrypt(msg, first.consume(msg.consumed_refs()), nxt.link, nxt.take(link_key_bits_needed(128)))
+    assert onward.group == group and onward.hop == 2
+    assert open_forward(onward, nxt.read(onward.consumed_refs())) == payload

@@ -194,6 +194,7 @@ class ProduceKey:
     bits: int
     pool: str  # qkdl_id of the link towards next_hop ("node:<next_hop>" if none was configured)
     next_hop: str
+    group: str | None = None  # ETSI 014 multicast: every member session relays the group's key ``index``
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,7 @@ class _Call:
     auto_index: bool = False  # the key manager chose the index
     counted: bool = False  # the session counts it in key_exchanging
     waiting: bool = False  # a Wait was issued
+    parent: str | None = None  # a multicast member's request: the group call it answers to
 
     @property
     def total_bits(self) -> int:
@@ -300,6 +302,31 @@ class _Slot:
     local_closed: bool = False
     peer_closed: bool = False
     retain_until: float | None = None
+    pair_key: tuple | None = None  # its key in _pairs (ETSI 014 source sessions)
+    group: str | None = None  # the multicast group it is a member session of
+
+
+@dataclass(eq=False)
+class _Group:
+    """An ETSI 014 multicast group: a master SAE and its slave SAEs. Key ``i`` of the group is
+    one key, relayed to every slave's key manager over that slave's member session (an implicit
+    session master -> slave with its own route, bucket and queue) under the same index ``i``;
+    its key_ID is ``key_id_for(gid, i)`` everywhere."""
+
+    gid: str
+    master: str
+    slaves: frozenset[str]
+    next_index: int = 0
+    members: dict[str, str] = field(default_factory=dict)  # slave SAE -> member session KSID
+    calls: set[str] = field(default_factory=set)  # group calls in progress
+
+
+@dataclass(eq=False)
+class _GroupCall:
+    call_id: str
+    group: _Group
+    indices: tuple[int, ...]
+    children: set[str] = field(default_factory=set)  # member requests not answered yet
 
 
 @dataclass(eq=False)
@@ -322,21 +349,28 @@ class KeyManagerLogic:
 
     def __init__(self, node_id: str, *, default_qos: QoS = DEFAULT_QOS, queue_max_len: int = 256,
                  setup_timeout_s: float = 300.0, etsi014_timeout_s: float = 10.0,
-                 max_keys_per_request: int = 128, new_ksid: Callable[[], str] | None = None):
+                 max_keys_per_request: int = 128, new_ksid: Callable[[], str] | None = None,
+                 max_additional_slaves: int = 16):
         if not isinstance(node_id, str) or not node_id:
             raise ValueError("node_id must be a non-empty string")
         if not setup_timeout_s > 0 or not etsi014_timeout_s > 0 or max_keys_per_request < 1:
             raise ValueError("timeouts must be > 0 and max_keys_per_request >= 1")
+        if isinstance(max_additional_slaves, bool) or not isinstance(max_additional_slaves, int) \
+                or max_additional_slaves < 0:
+            raise ValueError("max_additional_slaves must be an integer >= 0")
         self.node_id = node_id
         self.default_qos = default_qos.with_defaults(DEFAULT_QOS)
         self.queue_max_len = queue_max_len
         self.setup_timeout_s = setup_timeout_s
         self.etsi014_timeout_s = etsi014_timeout_s
         self.max_keys_per_request = max_keys_per_request
+        self.max_additional_slaves = max_additional_slaves  # ETSI 014 max_SAE_ID_count
         self._new_ksid = new_ksid or (lambda: str(uuid.uuid4()))
         self.forwarding = ForwardingTable()
         self._slots: dict[str, _Slot] = {}
-        self._pairs: dict[tuple[str, str], str] = {}  # live ETSI 014 (master, slave) -> KSID
+        self._pairs: dict[tuple, str] = {}  # live ETSI 014 (master, slave) [+ group id] -> KSID
+        self._groups: dict[tuple[str, frozenset[str]], _Group] = {}  # (master, slaves) -> group
+        self._group_calls: dict[str, _GroupCall] = {}
         self._calls: dict[str, _Call] = {}
         self._productions: dict[tuple[str, int], _Production] = {}
         self._queues: dict[str, PriorityRequestQueue] = {}
@@ -370,7 +404,14 @@ class KeyManagerLogic:
         return None if slot is None else slot.offered_qos
 
     def pending_calls(self) -> list[str]:
-        return list(self._calls)
+        return [*self._calls, *self._group_calls]
+
+    def group_members(self, gid: str) -> dict[str, str]:
+        """Slave SAE -> member session KSID of a live multicast group (empty if none)."""
+        for group in self._groups.values():
+            if group.gid == gid:
+                return dict(group.members)
+        return {}
 
     def session_for_pair(self, master_sae: str, slave_sae: str) -> str | None:
         """KSID of the live ETSI 014 implicit session of a master/slave pair."""
@@ -512,8 +553,10 @@ class KeyManagerLogic:
 
     # -- ETSI 014 -------------------------------------------------------------------------
 
-    def enc_keys(self, master_sae: str, slave_sae: str, number: int, size_bits: int, now: float) -> Decision:
-        """ETSI 014 enc_keys of the master SAE: ``number`` new keys of ``size_bits`` each."""
+    def enc_keys(self, master_sae: str, slave_sae: str, number: int, size_bits: int, now: float,
+                 additional_slaves: tuple[str, ...] | list[str] = ()) -> Decision:
+        """ETSI 014 enc_keys of the master SAE: ``number`` new keys of ``size_bits`` each, for
+        ``slave_sae`` and, multicast, for every SAE of ``additional_slaves`` too."""
         call_id = self._new_call_id()
         acts: list[Action] = [self._ev(now, "request_arrival", None, call="enc_keys", sae=master_sae,
                                        slave=slave_sae, number=number, size=size_bits)]
@@ -529,6 +572,19 @@ class KeyManagerLogic:
             return done(Reject(call_id, 400, f"number exceeds max_key_per_request ({self.max_keys_per_request})"))
         if isinstance(size_bits, bool) or not isinstance(size_bits, int) or size_bits <= 0 or size_bits % 8:
             return done(Reject(call_id, 400, SIZE_NOT_MULTIPLE_OF_8))
+        if additional_slaves:
+            extra = tuple(additional_slaves)
+            if not all(isinstance(x, str) and x for x in extra):
+                return done(Reject(call_id, 400, "additional_slave_SAE_IDs must be SAE IDs"))
+            if len(extra) > self.max_additional_slaves:
+                return done(Reject(call_id, 400, "additional_slave_SAE_IDs names more SAEs than max_SAE_ID_count "
+                                                 f"({self.max_additional_slaves})"))
+            slaves = (slave_sae, *extra)
+            if len(set(slaves)) != len(slaves):
+                return done(Reject(call_id, 400, "additional_slave_SAE_IDs names a slave SAE twice"))
+            if master_sae in slaves:
+                return done(Reject(call_id, 400, "the master SAE cannot be one of its slave SAEs"))
+            return done(*self._enc_group(call_id, master_sae, slaves, number, size_bits, now))
         deadline = now + self.etsi014_timeout_s
         ksid = self._pairs.get((master_sae, slave_sae))
         slot = self._slots.get(ksid) if ksid is not None else None
@@ -537,7 +593,7 @@ class KeyManagerLogic:
             qos = self.default_qos.replace(Key_chunk_size=size_bits // 8, Timeout=int(self.etsi014_timeout_s * 1000),
                                            Metadata_mimetype="")
             session = KMSession.implicit_014(ksid, master_sae, slave_sae, qos, now, setup_timeout_s=self.setup_timeout_s)
-            slot = self._slots[ksid] = _Slot(session)
+            slot = self._slots[ksid] = _Slot(session, pair_key=(master_sae, slave_sae))
             self._pairs[(master_sae, slave_sae)] = ksid
             call = _Call(call_id, "enc_keys", ksid, deadline, "setup", bits=size_bits, number=number)
             self._add_call(slot, call)
@@ -551,6 +607,85 @@ class KeyManagerLogic:
             return done(*self._wait(call, "admission" if slot.session.state is SessionState.USER_ACCEPTED
                                     else "authentication"))
         return done(*self._start_enc(slot, call, now))
+
+    def _enc_group(self, call_id: str, master: str, slaves: tuple[str, ...], number: int, size_bits: int,
+                   now: float) -> list[Action]:
+        """Multicast enc_keys: one request per member session, all for the same indices; the
+        group call is answered once every member's keys are at its slave's key manager."""
+        key = (master, frozenset(slaves))
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(self._fresh_ksid(), master, key[1])
+        indices = tuple(range(group.next_index, group.next_index + number))
+        group.next_index += number  # never reused, even if this call fails: key_IDs stay unique
+        deadline = now + self.etsi014_timeout_s
+        parent = self._group_calls[call_id] = _GroupCall(call_id, group, indices)
+        group.calls.add(call_id)
+        acts: list[Action] = [self._ev(now, "multicast_request", group.gid, master=master, slaves=sorted(slaves),
+                                       indices=list(indices))]
+        children = [(slave, self._new_call_id()) for slave in sorted(slaves)]
+        parent.children.update(child for _, child in children)  # all known before any can answer
+        for slave, child in children:
+            if call_id not in self._group_calls:
+                break  # a member failed at once: the group call is answered
+            acts += self._member_request(group, slave, child, call_id, number, size_bits, indices, deadline, now)
+        if call_id in self._group_calls:
+            acts.append(Wait(call_id, deadline, "multicast"))
+        return acts
+
+    def _member_request(self, group: _Group, slave: str, child_id: str, parent_id: str, number: int,
+                        size_bits: int, indices: tuple[int, ...], deadline: float, now: float) -> list[Action]:
+        pair = (group.master, slave, group.gid)
+        ksid = self._pairs.get(pair)
+        slot = self._slots.get(ksid) if ksid is not None else None
+        if slot is None or not slot.session.is_live:
+            ksid = self._fresh_ksid()
+            qos = self.default_qos.replace(Key_chunk_size=size_bits // 8, Timeout=int(self.etsi014_timeout_s * 1000),
+                                           Metadata_mimetype="")
+            session = KMSession.implicit_014(ksid, group.master, slave, qos, now, setup_timeout_s=self.setup_timeout_s)
+            slot = self._slots[ksid] = _Slot(session, pair_key=pair, group=group.gid)
+            self._pairs[pair] = ksid
+            group.members[slave] = ksid
+            self._add_call(slot, _Call(child_id, "enc_keys", ksid, deadline, "setup", bits=size_bits, number=number,
+                                       indices=indices, parent=parent_id))
+            return [self._ev(now, "state_change", ksid, None, SessionState.AUTHENTICATING.value, sae=group.master,
+                             interface="014", role=Role.SOURCE.value, group=group.gid),
+                    NeedAuthentication(ksid, group.master, "014")]
+        call = _Call(child_id, "enc_keys", ksid, deadline, "setup", bits=size_bits, number=number, indices=indices,
+                     parent=parent_id)
+        self._add_call(slot, call)
+        if slot.session.state in SETUP_STATES:
+            return []
+        return self._start_enc(slot, call, now)
+
+    def _answered(self, call: _Call, answer: Action, now: float) -> list[Action]:
+        """The answer to ``call``; a multicast member's request answers its group call instead:
+        keys once every member has them, the first failure at once (the others are dropped)."""
+        if call.parent is None:
+            return [answer]
+        parent = self._group_calls.get(call.parent)
+        if parent is None:
+            return []  # the group call was answered already (another member failed)
+        parent.children.discard(call.call_id)
+        if isinstance(answer, DeliverKey) and parent.children:
+            return []
+        del self._group_calls[parent.call_id]
+        group = parent.group
+        group.calls.discard(parent.call_id)
+        if isinstance(answer, DeliverKey):
+            return [self._ev(now, "key_returned", group.gid, call="enc_keys", indices=list(parent.indices),
+                             multicast=True),
+                    DeliverKey(parent.call_id, group.gid, parent.indices)]
+        acts: list[Action] = []
+        for child in list(parent.children):
+            other = self._calls.get(child)
+            if other is not None:
+                acts += self._finish(other, now)
+        parent.children.clear()
+        if isinstance(answer, Reject):
+            return acts + [Reject(parent.call_id, answer.http_status, answer.message)]
+        return acts + [Reply(parent.call_id, answer.status, ksid=group.gid, retry_after=answer.retry_after,
+                             message=answer.message)]
 
     def dec_keys(self, slave_sae: str, ksid: str, indices: tuple[int, ...] | list[int], now: float,
                  have_keys: bool) -> Decision:
@@ -599,7 +734,8 @@ class KeyManagerLogic:
         acts += self._events(s.rejected(reason, now))
         for call in self._calls_of(slot):
             acts += self._finish(call, now)
-            acts.append(Reject(call.call_id, 401 if s.interface == "014" else 403, "authentication failed"))
+            acts += self._answered(call, Reject(call.call_id, 401 if s.interface == "014" else 403,
+                                                "authentication failed"), now)
         acts.append(Terminate(ksid, "authentication_failed", notify_control=False))
         acts += self._wind_down(slot, now)
         return acts
@@ -619,8 +755,9 @@ class KeyManagerLogic:
         acts: list[Action] = self._events(s.rejected(reason, now))
         for call in self._calls_of(slot):
             acts += self._finish(call, now)
-            acts.append(Reply(call.call_id, status, ksid=ksid,
-                              qos=counter_qos if call.kind == "open_connect" else None, message=reason))
+            acts += self._answered(call, Reply(call.call_id, status, ksid=ksid,
+                                               qos=counter_qos if call.kind == "open_connect" else None,
+                                               message=reason), now)
         acts.append(Terminate(ksid, reason, notify_control=False))
         acts += self._wind_down(slot, now)
         return acts
@@ -850,8 +987,9 @@ class KeyManagerLogic:
         return q.replace(**changes) if changes else None
 
     def _start_enc(self, slot: _Slot, call: _Call, now: float) -> list[Action]:
-        call.indices = tuple(range(slot.next_index, slot.next_index + call.number))
-        slot.next_index += call.number
+        if not call.indices:  # a multicast member's request comes with its group's indices
+            call.indices = tuple(range(slot.next_index, slot.next_index + call.number))
+        slot.next_index = max(slot.next_index, call.indices[-1] + 1)
         return self._begin_request(slot, call, now)
 
     def _begin_request(self, slot: _Slot, call: _Call, now: float) -> list[Action]:
@@ -910,8 +1048,7 @@ class KeyManagerLogic:
     def _deliver(self, call: _Call, now: float) -> list[Action]:
         acts = self._finish(call, now)
         acts.append(self._ev(now, "key_returned", call.ksid, call=call.kind, indices=list(call.indices)))
-        acts.append(DeliverKey(call.call_id, call.ksid, call.indices))
-        return acts
+        return acts + self._answered(call, DeliverKey(call.call_id, call.ksid, call.indices), now)
 
     def _fail_call(self, call: _Call, status: Status, reason: str, now: float,
                    retry_after: float | None = None) -> list[Action]:
@@ -921,8 +1058,8 @@ class KeyManagerLogic:
             slot.next_index = call.indices[0]  # the index was never handed out: give it to the next call
         acts.append(self._ev(now, "key_request_failed", call.ksid, call=call.kind, status=int(status), reason=reason))
         index = call.indices[0] if call.kind == "get_key" and call.indices else None
-        acts.append(Reply(call.call_id, status, ksid=call.ksid, index=index, retry_after=retry_after, message=reason))
-        return acts
+        return acts + self._answered(call, Reply(call.call_id, status, ksid=call.ksid, index=index,
+                                                 retry_after=retry_after, message=reason), now)
 
     def _finish(self, call: _Call, now: float) -> list[Action]:
         """Forget a call that is being answered."""
@@ -985,7 +1122,8 @@ class KeyManagerLogic:
 
     def _produce_action(self, p: _Production) -> ProduceKey:
         entry = self.forwarding.get(p.ksid)
-        return ProduceKey(p.ksid, p.index, p.bits, p.pool, entry.next_hop)
+        slot = self._slots.get(p.ksid)
+        return ProduceKey(p.ksid, p.index, p.bits, p.pool, entry.next_hop, group=slot.group if slot else None)
 
     def _enqueue(self, p: _Production, link_bits: int, now: float) -> list[Action]:
         q = self._queues.get(p.pool)
@@ -1079,12 +1217,27 @@ class KeyManagerLogic:
             if p.for_peer:
                 acts.append(AnswerPeer(p.ksid, p.index, Status.NO_QKD_CONNECTION))
         self.forwarding.discard(s.ksid)
-        if s.interface == "014" and self._pairs.get((s.source_sae, s.destination_sae)) == s.ksid:
-            del self._pairs[(s.source_sae, s.destination_sae)]
+        pair = slot.pair_key or (s.source_sae, s.destination_sae)
+        if s.interface == "014" and self._pairs.get(pair) == s.ksid:
+            del self._pairs[pair]
+        if slot.group is not None:
+            acts += self._leave_group(slot, now)
         slot.token_fifo.clear()
         ttl = (slot.offered_qos or s.qos).TTL
         slot.retain_until = now + (self.default_qos.TTL if ttl is None else ttl)
         return acts + self._settle(slot, now)
+
+    def _leave_group(self, slot: _Slot, now: float) -> list[Action]:
+        """A member session ended; the group ends with its last member (its undelivered keys go)."""
+        for key, group in list(self._groups.items()):
+            if group.gid != slot.group:
+                continue
+            if group.members.get(slot.session.destination_sae) == slot.session.ksid:
+                del group.members[slot.session.destination_sae]
+            if not group.members and not group.calls:
+                del self._groups[key]
+                return [self._ev(now, "multicast_group_ended", group.gid), PurgeKeys(group.gid)]
+        return []
 
     def _settle(self, slot: _Slot, now: float) -> list[Action]:
         """Forget an ended session once its unused keys may go."""
