@@ -23,8 +23,9 @@ _FINGERPRINT_IN = {"type": "string", "pattern": "^\\s*:*(?:[0-9A-Fa-f]:*){64}\\s
                    "description": "SHA-256 of the DER certificate: 64 hex digits, ':' separators allowed"}
 _FINGERPRINT = {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "lower-case hex SHA-256"}
 _TIME = {"type": "string", "format": "date-time"}
-_PRIORITY = {"type": "integer", "minimum": 0, "maximum": rest.INT32_MAX}
-_POSITIVE = {"type": "integer", "minimum": 1, "maximum": rest.INT32_MAX}
+_PRIORITY = {"type": "integer", "minimum": 0, "maximum": rest.UINT32_MAX, "description": "uint32"}
+_POSITIVE_UINT32 = {"type": "integer", "minimum": 1, "maximum": rest.UINT32_MAX, "description": "positive uint32"}
+_POSITIVE_INT32 = {"type": "integer", "minimum": 1, "maximum": rest.INT32_MAX}
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -102,7 +103,8 @@ def _schemas() -> dict[str, Any]:
     link_detail_props = {**link_props, "recent_samples": {
         **_array(_ref("LinkSample")), "description": "the newest samples, newest first"}}
     sla_props = {
-        "max_priority": _PRIORITY, "max_bps": _POSITIVE, "max_sessions": _POSITIVE, "bucket_bits": _POSITIVE,
+        "max_priority": _PRIORITY, "max_bps": _POSITIVE_UINT32, "max_sessions": _POSITIVE_INT32,
+        "bucket_bits": _POSITIVE_UINT32,
         "allowed_destinations": {**_nullable(_array(_NAME)), "uniqueItems": True,
                                  "description": "node names the user may reach; null: every node"},
     }
@@ -357,9 +359,10 @@ def _paths() -> dict[str, Any]:
             "post": _op("createUser", "users", "Create a user with an SLA",
                         {**_ok(201, "User", "created; Location names it"),
                          **_errors(400, 401, 403, 409, 413, 415, 503)},
-                        description=_ADMIN + " Rates and sizes are positive, priorities are uint32 up to "
-                                             "2^31-1, allowed destinations must be known nodes. A clear token "
-                                             "is hashed and never returned.",
+                        description=_ADMIN + " Priorities are uint32 (0 to 2^32-1), max_bps and bucket_bits "
+                                             "positive uint32 (1 to 2^32-1), max_sessions 1 to 2^31-1; allowed "
+                                             "destinations must be known nodes. A clear token is hashed and "
+                                             "never returned.",
                         body=_body("UserCreate")),
         },
         f"{p}/users/{{name}}": {
@@ -387,7 +390,8 @@ def _paths() -> dict[str, Any]:
             "post": _op("createApplication", "applications", "Register an application",
                         {**_ok(201, "Application", "created; Location names it"),
                          **_errors(400, 401, 403, 409, 413, 415, 503)},
-                        description=_ADMIN + " Node and user must exist.", body=_body("ApplicationCreate")),
+                        description=_ADMIN + " Node and user must exist; priority is uint32 (0 to 2^32-1, "
+                                             "default 0).", body=_body("ApplicationCreate")),
         },
         f"{p}/applications/{{sae_id}}": {
             "parameters": [_pref("saeId")],

@@ -83,7 +83,10 @@ MAX_LIMIT = 1000
 MAX_BODY_BYTES = 1 << 20
 RECENT_SAMPLES = 10
 RECENT_EVENTS = 50
-# SQL INTEGER (int32 on PostgreSQL) bounds every integer column the API writes.
+# Bounds of the integer columns the API writes (db/models.py): ETSI uint32 values (priorities,
+# rates, bucket sizes) sit in BIGINT columns and take the whole uint32 range; a plain INTEGER
+# column (int32 on PostgreSQL: SLA max_sessions) stops at 2^31 - 1.
+UINT32_MAX = 2**32 - 1
 INT32_MAX = 2**31 - 1
 TOKEN_MIN_LENGTH = 16
 TOKEN_MAX_LENGTH = 1024
@@ -550,15 +553,16 @@ def _clean_text(value: str) -> str | None:
     return None
 
 
-def _int_range(lo: int, hi: int = INT32_MAX, note: str = "") -> Callable[[int], str | None]:
+def _int_range(lo: int, hi: int, note: str = "") -> Callable[[int], str | None]:
     def check(v: int) -> str | None:
         return None if lo <= v <= hi else f"must be between {lo} and {hi}{note}, got {v}"
     return check
 
 
-_positive_int = _int_range(1)
-# ETSI priorities are uint32; the database's INTEGER column holds them up to 2^31 - 1.
-_priority = _int_range(0, INT32_MAX, " (uint32 within the database's INTEGER range)")
+# ETSI priorities, rates and bucket sizes are uint32 (BIGINT columns); max_sessions is an INTEGER column.
+_priority = _int_range(0, UINT32_MAX, " (uint32)")
+_positive_uint32 = _int_range(1, UINT32_MAX, " (uint32)")
+_positive_int32 = _int_range(1, INT32_MAX)
 
 
 def _token_check(v: str) -> str | None:
@@ -654,8 +658,8 @@ def _destinations(f: _Fields) -> Any:
 
 
 SLA_FIELDS = ("max_priority", "max_bps", "max_sessions", "bucket_bits", "allowed_destinations")
-_SLA_INT_CHECKS = {"max_priority": _priority, "max_bps": _positive_int, "max_sessions": _positive_int,
-                   "bucket_bits": _positive_int}
+_SLA_INT_CHECKS = {"max_priority": _priority, "max_bps": _positive_uint32, "max_sessions": _positive_int32,
+                   "bucket_bits": _positive_uint32}
 
 
 def _sla_fields(data: Any, where: str, problems: list, *, partial: bool) -> dict[str, Any]:

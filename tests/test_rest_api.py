@@ -21,7 +21,7 @@ from openapi_spec_validator import validate as validate_spec
 from prometheus_client.parser import text_string_to_metric_families
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from controller.monitoring import MonitoringElement, render_prometheus
 from controller.openapi import openapi_document
@@ -560,7 +560,9 @@ def test_create_user_stores_only_a_token_hash(api, sessions, refreshes):
      {"sla.max_bps", "sla.bucket_bits", "sla.max_sessions"}),
     ({"name": "eve", "sla": sla(max_priority=-1)}, {"sla.max_priority"}),
     ({"name": "eve", "sla": sla(max_priority=2**32)}, {"sla.max_priority"}),
-    ({"name": "eve", "sla": sla(max_bps=2**31)}, {"sla.max_bps"}),
+    ({"name": "eve", "sla": sla(max_bps=2**32)}, {"sla.max_bps"}),
+    ({"name": "eve", "sla": sla(bucket_bits=2**32)}, {"sla.bucket_bits"}),
+    ({"name": "eve", "sla": sla(max_sessions=2**31)}, {"sla.max_sessions"}),
     ({"name": "eve", "sla": sla(max_bps="64000")}, {"sla.max_bps"}),
     ({"name": "eve", "sla": sla(max_bps=64000.0)}, {"sla.max_bps"}),
     ({"name": "eve", "sla": sla(max_sessions=True)}, {"sla.max_sessions"}),
@@ -699,6 +701,90 @@ def test_user_with_live_sessions_cannot_be_deleted(api, sessions):
     assert r.status_code == 409 and error_of(r)["details"]["sessions"] == [KSID_45]
 
 
+# --------------------------------------------------------------------------- uint32 fields
+
+UINT32_MAX = 2**32 - 1
+# max_sessions is a plain INTEGER column (int32 on PostgreSQL): it keeps that bound.
+SLA_MAX = sla(max_priority=UINT32_MAX, max_bps=UINT32_MAX, max_sessions=2**31 - 1, bucket_bits=UINT32_MAX,
+              allowed_destinations=None)
+_SLA_INTS = ("max_priority", "max_bps", "max_sessions", "bucket_bits")
+
+
+def profiles(sessions) -> dict:
+    """Everything an SLA or application write could touch, to compare before and after."""
+    with sessions() as s:
+        return {
+            "slas": sorted((x.user.name, x.max_priority, x.max_bps, x.max_sessions, x.bucket_bits,
+                            x.allowed_destinations) for x in s.scalars(select(m.SLA))),
+            "users": sorted((u.name, u.revoked) for u in s.scalars(select(m.User))),
+            "apps": sorted((a.sae_id, a.node.name, a.user.name, a.priority) for a in s.scalars(select(m.Application))),
+            "credentials": sorted((c.kind.value, c.value) for c in s.scalars(select(m.Credential))),
+            "events": s.scalar(select(func.count(m.Event.id))),
+        }
+
+
+def test_document_gives_each_integer_field_its_column_range(doc):
+    schemas = doc["components"]["schemas"]
+    for name in ("SLA", "SLAInput", "SLAPatch"):
+        props = schemas[name]["properties"]
+        assert {k: (props[k]["minimum"], props[k]["maximum"]) for k in _SLA_INTS} == {
+            "max_priority": (0, UINT32_MAX), "max_bps": (1, UINT32_MAX), "max_sessions": (1, 2**31 - 1),
+            "bucket_bits": (1, UINT32_MAX)}
+    assert (schemas["ApplicationCreate"]["properties"]["priority"]["minimum"],
+            schemas["ApplicationCreate"]["properties"]["priority"]["maximum"]) == (0, UINT32_MAX)
+    assert "Priorities are uint32 (0 to 2^32-1)" in doc["paths"][f"{API_PREFIX}/users"]["post"]["description"]
+
+
+def test_uint32_fields_take_the_whole_uint32_range(api, sessions):
+    r = api.post(f"{API_PREFIX}/users", {"name": "uma", "sla": SLA_MAX})
+    assert r.status_code == 201, r.get_json()
+    assert r.get_json()["sla"] == SLA_MAX
+    assert api.get(f"{API_PREFIX}/users/uma").get_json()["sla"] == SLA_MAX
+    r = api.put(f"{API_PREFIX}/users/carol", {"sla": SLA_MAX})
+    assert r.status_code == 200 and r.get_json()["sla"] == SLA_MAX, r.get_json()
+    r = api.patch(f"{API_PREFIX}/users/bob", {"sla": {"max_priority": UINT32_MAX, "max_bps": UINT32_MAX,
+                                                      "bucket_bits": UINT32_MAX}})
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json()["sla"] == {"max_priority": UINT32_MAX, "max_bps": UINT32_MAX, "max_sessions": 4,
+                                   "bucket_bits": UINT32_MAX, "allowed_destinations": None}
+    r = api.post(f"{API_PREFIX}/applications", {"sae_id": "SAE-U", "node": "KM1", "user": "uma",
+                                                "priority": UINT32_MAX})
+    assert r.status_code == 201, r.get_json()
+    assert r.get_json()["priority"] == UINT32_MAX
+    assert api.get(f"{API_PREFIX}/applications/SAE-U").get_json()["priority"] == UINT32_MAX
+    with sessions() as s:
+        stored = {u.name: (u.sla.max_priority, u.sla.max_bps, u.sla.max_sessions, u.sla.bucket_bits)
+                  for u in s.scalars(select(m.User).where(m.User.name.in_(["uma", "carol", "bob"])))}
+        assert s.scalar(select(m.Application.priority).where(m.Application.sae_id == "SAE-U")) == UINT32_MAX
+    assert stored == {"uma": (UINT32_MAX, UINT32_MAX, 2**31 - 1, UINT32_MAX),
+                      "carol": (UINT32_MAX, UINT32_MAX, 2**31 - 1, UINT32_MAX),
+                      "bob": (UINT32_MAX, UINT32_MAX, 4, UINT32_MAX)}
+
+
+def _too_big(key: str) -> tuple[int, str]:
+    """The first value past a field's column and the API's message for it."""
+    if key == "max_sessions":
+        return 2**31, f"must be between 1 and {2**31 - 1}, got {2**31}"
+    return 2**32, f"must be between {0 if key.endswith('priority') else 1} and {UINT32_MAX} (uint32), got {2**32}"
+
+
+@pytest.mark.parametrize("method, path, body, field", [
+    *[("POST", "/users", {"name": "uma", "sla": sla(**{k: _too_big(k)[0]})}, f"sla.{k}") for k in _SLA_INTS],
+    *[("PUT", "/users/carol", {"sla": sla(**{k: _too_big(k)[0]})}, f"sla.{k}") for k in _SLA_INTS],
+    *[("PATCH", "/users/bob", {"sla": {k: _too_big(k)[0]}}, f"sla.{k}") for k in _SLA_INTS],
+    ("POST", "/applications", {"sae_id": "SAE-U", "node": "KM1", "user": "bob", "priority": 2**32}, "priority"),
+])
+def test_past_the_column_range_is_refused_and_changes_nothing(api, sessions, refreshes, method, path, body, field):
+    before = profiles(sessions)
+    r = api.call(method, f"{API_PREFIX}{path}", json_body=body)
+    assert r.status_code == 400, r.get_json()
+    err = error_of(r)
+    assert err["code"] == "validation_failed"
+    assert err["details"]["problems"] == [{"field": field, "message": _too_big(field.rpartition(".")[2])[1]}]
+    assert profiles(sessions) == before
+    assert refreshes == []
+
+
 # --------------------------------------------------------------------------- applications
 
 
@@ -768,7 +854,7 @@ def test_create_and_delete_application_with_certificates(api, sessions, refreshe
     ({"node": "KM1", "user": "bob"}, {"sae_id"}),
     ({"sae_id": "SAE X", "node": "KM1", "user": "bob"}, {"sae_id"}),
     ({"sae_id": "SAE-X", "node": "KM1", "user": "bob", "priority": -1}, {"priority"}),
-    ({"sae_id": "SAE-X", "node": "KM1", "user": "bob", "priority": 2**31}, {"priority"}),
+    ({"sae_id": "SAE-X", "node": "KM1", "user": "bob", "priority": 2**32}, {"priority"}),
     ({"sae_id": "SAE-X", "node": "KM1", "user": "bob", "app_id": "nope"}, {"app_id"}),
     ({"sae_id": "SAE-X", "node": "KM1", "user": "bob", "cert_sha256": "12"}, {"cert_sha256"}),
     ({"sae_id": "SAE-X", "node": "KM1", "user": "bob", "extra": 1}, {"extra"}),
