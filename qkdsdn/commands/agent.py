@@ -50,8 +50,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a controller runs: reach it over this control-plane bus (mqtt://HOST:PORT; "
                         "mqtts://HOST:PORT with the node's certificate from --pki; 'embedded' or 'local' "
                         "for a bus inside this process). Default: the local control plane")
+    p.add_argument("--max-sae-id-count", type=_count, default=16, metavar="N",
+                   help="ETSI 014 multicast: at most N additional_slave_SAE_IDs per enc_keys "
+                        "(max_SAE_ID_count; 0 turns multicast off; default 16)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=cmd_agent)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -76,7 +89,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     bus = _make_bus(args, network) if args.bus else None
     try:
         agent = KeyManagerAgent(network, args.node, state_dir=state, pki=args.pki, insecure_dev=args.insecure_dev,
-                                bus=bus)
+                                bus=bus, max_sae_id_count=args.max_sae_id_count)
     except (ValueError, OSError) as exc:
         if bus is not None:
             bus.close()
