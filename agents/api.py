@@ -112,8 +112,8 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
         target = km._apps.get(slave)
         if target is None or slave == master:
             return _error(400, f"unknown slave SAE '{slave}'")
-        route = km.control.route(km.name, target.node) if isinstance(km.control, LocalControlPlane) else None
-        first = km._links.get(route[1]) if route and len(route) > 1 else None
+        first_hop, hops = km.route_estimate(master, slave, target.node)
+        first = km._links.get(first_hop) if first_hop is not None else None
         needed = relay.link_key_bits_needed(DEFAULT_KEY_SIZE)
         stored = max_count = 0
         if first is not None:
@@ -126,7 +126,7 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
             "max_key_count": max_count, "max_key_per_request": km.logic.max_keys_per_request,
             "max_key_size": MAX_KEY_SIZE, "min_key_size": MIN_KEY_SIZE,
             "max_SAE_ID_count": km.logic.max_additional_slaves,
-            "status_extension": {"qkdsdn_route_hops": (len(route) - 2) if route else None}})
+            "status_extension": {"qkdsdn_route_hops": hops}})
 
     @app.route("/api/v1/keys/<slave>/enc_keys", methods=["GET", "POST"])
     def enc_keys(slave: str) -> Response:

@@ -793,6 +793,41 @@ class KeyManagerAgent:
         if group is not None:
             self.slave_sessions.set_group(ksid, group)
 
+    def route_estimate(self, master_sae: str, slave_sae: str, slave_node: str) -> tuple[str | None, int | None]:
+        """First hop and trusted nodes between this key manager and ``slave_node`` for ETSI 014
+        status: the live session of the pair's route if there is one (whoever configured it,
+        the local admission or the controller), else the shortest path over the physical links
+        of the network file, which is what admission picks when no link is down or full."""
+        with self._lock:
+            ksid = self.logic.session_for_pair(master_sae, slave_sae)
+            entry = self.logic.forwarding.get(ksid) if ksid is not None else None
+            hops = self._hops.get(ksid) if ksid is not None else None
+        if entry is not None and entry.next_hop is not None and hops is not None:
+            return entry.next_hop, hops
+        if isinstance(self.control, LocalControlPlane):
+            route = self.control.route(self.name, slave_node)
+        else:
+            import networkx as nx
+
+            try:
+                route = nx.shortest_path(self._topology, self.name, slave_node)
+            except (nx.NetworkXNoPath, nx.NodeNotFound):
+                route = None
+        if not route or len(route) < 2:
+            return (entry.next_hop if entry is not None else None), None
+        return (entry.next_hop if entry is not None and entry.next_hop else route[1]), len(route) - 2
+
+    @property
+    def _topology(self):
+        if not hasattr(self, "_graph"):
+            import networkx as nx
+
+            graph = nx.Graph()
+            graph.add_nodes_from(n.name for n in self.network.nodes)
+            graph.add_edges_from(link.ends for link in self.network.links)
+            self._graph = graph
+        return self._graph
+
     def key_id_of(self, ksid: str, index: int) -> str:
         """The ETSI 014 key_ID of key ``index`` of a session (of its group for a multicast member)."""
         return key_id_for(self._session_group.get(ksid, ksid), index)

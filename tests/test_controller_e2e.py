@@ -132,3 +132,23 @@ def test_refusals_reach_the_application(chain):
         client(net, "SAE-KM0").enc_keys("SAE-KM4", number=1)
     with controller.services.session_factory() as s:
         assert s.scalar(select(dbm.Event).where(dbm.Event.kind == "request_rejected")) is not None
+
+
+def test_etsi014_multicast_and_status_through_the_controller(chain):
+    """additional_slave_SAE_IDs with the controller admitting and routing every member session
+    (adjacent and relayed); ETSI 014 status in bus mode reports the route and the key at hand."""
+    net, controller = chain
+    master = client(net, "SAE-KM1")
+    status = client(net, "SAE-KM2").status("SAE-KM3")
+    assert status["status_extension"] == {"qkdsdn_route_hops": 1}  # KM2 - KM0 - KM3
+    wait_for(lambda: client(net, "SAE-KM2").status("SAE-KM3")["stored_key_count"] > 0, "key at hand on L02")
+    assert master.status("SAE-KM0")["max_SAE_ID_count"] == 16
+    keys = master.enc_keys("SAE-KM0", number=2, additional_slave_sae_ids=["SAE-KM2", "SAE-KM3"])
+    assert len(keys) == 2
+    for sae in ("SAE-KM0", "SAE-KM2", "SAE-KM3"):
+        assert client(net, sae).dec_keys("SAE-KM1", [k for k, _ in keys]) == keys
+    with controller.services.session_factory() as s:
+        rows = s.scalars(select(dbm.Session).where(dbm.Session.src_sae_id == "SAE-KM1")).all()
+        routes = sorted((r.dst_sae_id, r.route) for r in rows)
+    assert routes == [("SAE-KM0", ["KM1", "KM0"]), ("SAE-KM2", ["KM1", "KM0", "KM2"]),
+                      ("SAE-KM3", ["KM1", "KM0", "KM3"])]
