@@ -175,6 +175,7 @@ class KeyManagerAgent:
         self.insecure_dev = insecure_dev
         self.pki = PkiLayout(pki) if pki is not None and not isinstance(pki, PkiLayout) else pki
         self.clock = clock
+        self._clock_offset = time.time() - clock()  # Unix time of the logic's clock readings
         self.host = host or self.node.km_host
         self.port = self.node.km_port if port is None else port
         self.state_dir = Path(state_dir)
@@ -344,7 +345,13 @@ class KeyManagerAgent:
     # ------------------------------------------------------------------ events
 
     def _emit(self, event: Any) -> None:
-        record = event.to_json() if hasattr(event, "to_json") else dict(event)
+        if hasattr(event, "to_json"):
+            record = event.to_json()
+            # The logic's times are this agent's clock (monotonic): the stream is in Unix time, with
+            # one offset so events of one decision keep their order and equal times.
+            record["timestamp"] = float(event.timestamp) + self._clock_offset
+        else:
+            record = dict(event)
         record.setdefault("node", self.name)
         record.setdefault("element", "key_manager")
         self.events.append(record)
@@ -505,7 +512,6 @@ class KeyManagerAgent:
             log.warning("authentication of %s failed: %s", a.sae, exc)
             self._call(self.logic.authentication_failed, a.ksid, "access control unreachable", self.clock())
             return
-        self._emit_raw("authentication", a.ksid, sae=a.sae, accepted=result.ok, reason=result.reason)
         if result.ok:
             self._users[a.ksid] = result.user
             self._call(self.logic.authenticated, a.ksid, result.user, self.clock())

@@ -12,14 +12,15 @@ JSON list of such records, or the object ``qkdsdn demo`` writes (``{"events": [.
 
 Two properties of the agents' stream are handled here:
 
-* Clocks. Events decided by the key-manager logic carry the agent's monotonic clock
-  (seconds since boot), the others Unix time. ``normalise`` converts monotonic stamps
-  (< 1e9, i.e. before 2001 as Unix time) with the host's ``time.time() - time.monotonic()``
-  offset, which ``qkdsdn up`` records in its state file and ``qkdsdn demo`` in its output.
-* ``request_arrival`` is emitted before the call is parsed, so it has no KSID. ``attribute``
-  gives it the KSID of the next event of the same node decided at the same instant (the
-  session's state change), or else the KSID of the session the calling application (SAE)
-  has at that node.
+* Clocks. Agents stamp every event in Unix time. Logs of earlier agents stamped the events
+  decided by the key-manager logic with the monotonic clock (seconds since boot): ``normalise``
+  converts such stamps (< 1e9, i.e. before 2001 as Unix time) with the host's
+  ``time.time() - time.monotonic()`` offset, which ``qkdsdn up`` records in its state file
+  and ``qkdsdn demo`` in its output.
+* ``request_arrival`` of a call that names no KSID (the first OPEN_CONNECT or enc_keys of a
+  session) has none. ``attribute`` gives it the KSID of the next event of the same node
+  decided at the same instant (the session's state change), or else the KSID of the session
+  the calling application (SAE) has at that node.
 """
 from __future__ import annotations
 

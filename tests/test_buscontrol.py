@@ -748,9 +748,8 @@ def test_refused_authentication_and_admission_reach_the_application(local_env):
         env.client("SAE-EVE").open_connect("SAE-EVE", "SAE-KM0", QoS(Timeout=5000))
     assert refused.value.status == 403
     assert [r["sae_id"] for r in ctl.ops("authenticate")] == ["SAE-EVE"] and not ctl.ops("open")
-    auth = next(e for e in list(env.agents["KM1"].events)
-                if e["kind"] == "authentication" and "accepted" in e["details"])
-    assert auth["details"]["accepted"] is False and auth["details"]["reason"] == "user 'mallory' is revoked"
+    (auth,) = [e for e in list(env.agents["KM1"].events) if e["kind"] == "authentication"]
+    assert auth["details"]["result"] == "rejected" and auth["details"]["reason"] == "user 'mallory' is revoked"
 
     # Admission refuses a QoS beyond the SLA with a counter-proposal (status 7), which the
     # application gets back through the key manager.

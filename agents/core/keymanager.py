@@ -437,7 +437,7 @@ class KeyManagerLogic:
     def open_connect(self, source: str, destination: str, qos: QoS | None, ksid: str | None,
                      caller_sae: str, now: float) -> Decision:
         call_id = self._new_call_id()
-        acts: list[Action] = [self._ev(now, "request_arrival", None, call="OPEN_CONNECT", sae=caller_sae)]
+        acts: list[Action] = [self._ev(now, "request_arrival", _known(ksid), call="OPEN_CONNECT", sae=caller_sae)]
 
         def done(*more: Action) -> Decision:
             return Decision(call_id, tuple(acts) + more)
@@ -483,7 +483,8 @@ class KeyManagerLogic:
         """GET_KEY. ``have_key`` says whether the key store holds key ``index`` of the session
         (a callable is asked with the index, for calls without an index)."""
         call_id = self._new_call_id()
-        acts: list[Action] = [self._ev(now, "request_arrival", None, call="GET_KEY", sae=caller_sae, index=index)]
+        acts: list[Action] = [self._ev(now, "request_arrival", _known(ksid), call="GET_KEY", sae=caller_sae,
+                                       index=index)]
 
         def done(*more: Action) -> Decision:
             return Decision(call_id, tuple(acts) + more)
@@ -532,7 +533,7 @@ class KeyManagerLogic:
     def close(self, ksid: str, caller_sae: str, now: float) -> Decision:
         """CLOSE: no new keys; unused ones stay until the peer closed or the TTL passed."""
         call_id = self._new_call_id()
-        acts: list[Action] = [self._ev(now, "request_arrival", None, call="CLOSE", sae=caller_sae)]
+        acts: list[Action] = [self._ev(now, "request_arrival", _known(ksid), call="CLOSE", sae=caller_sae)]
         try:
             ksid = normalize_ksid(ksid)
         except InvalidKSID as exc:
@@ -558,8 +559,9 @@ class KeyManagerLogic:
         """ETSI 014 enc_keys of the master SAE: ``number`` new keys of ``size_bits`` each, for
         ``slave_sae`` and, multicast, for every SAE of ``additional_slaves`` too."""
         call_id = self._new_call_id()
-        acts: list[Action] = [self._ev(now, "request_arrival", None, call="enc_keys", sae=master_sae,
-                                       slave=slave_sae, number=number, size=size_bits)]
+        acts: list[Action] = [self._ev(now, "request_arrival",
+                                       None if additional_slaves else self._pairs.get((master_sae, slave_sae)),
+                                       call="enc_keys", sae=master_sae, slave=slave_sae, number=number, size=size_bits)]
 
         def done(*more: Action) -> Decision:
             return Decision(call_id, tuple(acts) + more)
@@ -692,7 +694,7 @@ class KeyManagerLogic:
         """ETSI 014 dec_keys of the slave SAE; the shell has mapped the key_IDs to (ksid, index)
         in its store and says whether it holds them all."""
         call_id = self._new_call_id()
-        acts: list[Action] = [self._ev(now, "request_arrival", None, call="dec_keys", sae=slave_sae)]
+        acts: list[Action] = [self._ev(now, "request_arrival", _known(ksid), call="dec_keys", sae=slave_sae)]
         try:
             ksid = normalize_ksid(ksid)
         except InvalidKSID:
@@ -1270,6 +1272,14 @@ def _canon(ksid: object) -> object:
         return normalize_ksid(ksid) or ksid
     except InvalidKSID:
         return ksid
+
+
+def _known(ksid: object) -> str | None:
+    """A request's KSID for its arrival event: canonical if well formed, else none."""
+    try:
+        return normalize_ksid(ksid) if isinstance(ksid, str) else None
+    except InvalidKSID:
+        return None
 
 
 def _pool_of(entry: ForwardingEntry) -> str:

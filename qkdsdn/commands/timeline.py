@@ -14,8 +14,9 @@ relay forwarded, key returned) and a colour per session.
 EVENTS is what 'qkdsdn demo' writes (events.json), a JSON list of event
 records, or an agent's own log (RUN_DIR/state/NODE/NODE.events.jsonl, one JSON
 record per line); give several files to merge the logs of several agents.
-Agents stamp some events with their monotonic clock: for their raw logs give
---clock-offset, or --run-dir to read it from the 'qkdsdn up' state file.
+Agents stamp events in Unix time. Logs of earlier agents have some events on
+their monotonic clock: for those give --clock-offset, or --run-dir to read it
+from the 'qkdsdn up' state file.
 """
 
 EPILOG = """\
