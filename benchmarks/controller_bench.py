@@ -9,12 +9,12 @@ network name, free loopback ports, and SLAs raised so that users' session and ra
 a session (the benchmark measures the control plane, not the SLA check). Without --bus it runs on
 ``local`` and ``embedded``, then on Mosquitto at mqtt://127.0.0.1:1883 if something listens there.
 
-The six nodes are emulated inside this file (a load generator, not shipped behaviour): each has its
-ETSI 015 RESTCONF server (``agents.sdn_agent.NodeState``, links ACTIVE at 200 kb/s, so discovery
-makes every link routable) and a key-manager stand-in on the bus that acknowledges every
-``km/<node>/config`` with ok (``reply_message``), as a real agent does, and sends admission ``open``
-and ``close`` requests with ``bus.request`` / ``publish`` on ``admission/request``. No
-``authenticate``: that is access control's, and not part of a set-up.
+The six nodes are emulated in this process (a load generator, not shipped behaviour) by the tests'
+``controller_harness.EmulatedNode``: each has its ETSI 015 RESTCONF server (``agents.sdn_agent.NodeState``,
+links ACTIVE at 200 kb/s, so discovery makes every link routable) and a key-manager stand-in on the
+bus that acknowledges every ``km/<node>/config`` with ok (``reply_message``), as a real agent does,
+and sends admission ``open`` and ``close`` requests with ``bus.request`` / ``publish`` on
+``admission/request``. No ``authenticate``: that is access control's, and not part of a set-up.
 
 Sessions go round the paper's three pairs (KM0->KM1 and KM4->KM5 adjacent, KM2->KM3 relayed through
 KM0), Max_bps 100, with --clients concurrent requesters, up to --sessions per interface or --seconds
@@ -54,33 +54,19 @@ for _path in (REPO, REPO / "tests"):
 
 import logging  # noqa: E402
 
-import yaml  # noqa: E402
-
 PAIRS = (("KM0", "KM1"), ("KM4", "KM5"), ("KM2", "KM3"))
 MQTT_DEFAULT = "mqtt://127.0.0.1:1883"
 WARMUP = 6
 
-from agent_harness import free_ports  # noqa: E402  (the tests' loopback port picker)
+# the tests' emulated nodes and network-file copier (unique name, free loopback ports)
+from controller_harness import EmulatedNode, network_file  # noqa: E402
 
 
-def network_file(tmp: FsPath) -> FsPath:
-    data = yaml.safe_load((REPO / "examples" / "paper-poc.yaml").read_text())
-    data["network"]["name"] = f"bench-{uuid.uuid4().hex[:8]}"
-    ports = iter(free_ports(len(data["nodes"]) + 2 * len(data["links"]) + 1))
-    for node in data["nodes"]:
-        node["km_address"] = f"127.0.0.1:{next(ports)}"
-    for link in data["links"]:
-        dev = dict(link.get("device") or {})
-        dev["master_address"] = f"127.0.0.1:{next(ports)}"
-        dev["slave_address"] = f"127.0.0.1:{next(ports)}"
-        link["device"] = dev
+def raise_slas(data: dict) -> None:
+    """Users' session and rate caps never refuse a session: the benchmark measures the control plane."""
     for user in data["users"]:
         user["sla"].update(max_sessions=100_000, max_bps=10_000_000, max_priority=7)
         user["sla"].pop("allowed_destinations", None)
-    data.setdefault("deployment", {})["controller"] = f"127.0.0.1:{next(ports)}"
-    out = tmp / "network.yaml"
-    out.write_text(yaml.safe_dump(data, sort_keys=False))
-    return out
 
 
 class Tracker:
@@ -116,56 +102,22 @@ class Tracker:
                 self.done.wait(min(left, 0.2))
 
 
-class Node:
-    """One emulated node: ETSI 015 RESTCONF server and a key-manager stand-in on the bus."""
+class Node(EmulatedNode):
+    """One emulated node whose key-manager stand-in tells the tracker of every (de)configuration."""
 
     def __init__(self, net, name: str, make_bus, tracker: Tracker):
-        from flask import Flask
+        self.tracker = tracker
+        super().__init__(net, name, make_bus)
+        self.links_up()
 
-        from agents.sdn_agent import NodeState, restconf_blueprint
-        from etsi015 import model as em
-        from qkdsdn.bus import Topics
-        from qkdsdn.httpserver import HTTPServer
-
-        self.name, self.tracker = name, tracker
-        self.topics = Topics(net.name)
-        self.state = NodeState.from_network(net, name, perf_change_threshold=0.0)
-        app = Flask(f"bench-{name}")
-        app.register_blueprint(restconf_blueprint(self.state, self, lambda environ, method, path: True))
-        node = net.node(name)
-        self.server = HTTPServer(app, node.km_host, node.km_port, tls=None, insecure_dev=True, name=f"bench {name}")
-        self.bus = make_bus(f"{net.name}-agent-{name}", self.topics.status(f"agent-{name}"))
-        self.bus.subscribe(self.topics.km_config(name), self._on_config)
-        for link in net.links_of(name):
-            self.state.set_link_status(link.qkdl_id, em.LinkStatus.ACTIVE)
-            self.state.set_link_performance(link.qkdl_id, skr=200_000, qber=0.02)
-        self.server.start()
-
-    # SessionConfigHandler of the RESTCONF datastore (configuration comes over the bus)
-    def configure(self, config) -> None:
-        pass
-
-    def deconfigure(self, ksid: str) -> None:
-        pass
-
-    def _on_config(self, topic: str, msg: dict) -> None:
-        from qkdsdn.bus import reply_message
-
-        op, ksid = msg["op"], msg["ksid"]
-        self.bus.publish(self.topics.km_reply(self.name), reply_message(msg, True, None, node=self.name, op=op,
-                                                                        ksid=ksid))
-        self.tracker.config(self.name, op, ksid)
+    def on_config(self, op: str, ksid: str, msg: dict) -> None:
+        self.tracker.config(self.name, op, ksid)  # confirmed: None
 
     def open(self, payload: dict, timeout: float = 10.0) -> dict:
-        return self.bus.request(self.topics.admission_request(), {"node": self.name, **payload},
-                                reply_topic=self.topics.admission_reply(self.name), timeout=timeout)
+        return self.request(payload, timeout)
 
     def close(self, ksid: str) -> None:
-        self.bus.publish(self.topics.admission_request(), {"node": self.name, "op": "close", "ksid": ksid,
-                                                           "reason": "benchmark"})
-
-    def stop(self) -> None:
-        self.server.stop()
+        self.publish({"op": "close", "ksid": ksid, "reason": "benchmark"})
 
 
 def open_payload(net, ksid: str, node: str, src: str, dst: str, interface: str) -> dict:
@@ -212,7 +164,7 @@ class Run:
         from qkdsdn.bus import LocalBus, MQTTBus, shared_broker
 
         self.bus_url = bus_url
-        self.net = load(network_file(tmp))
+        self.net = load(network_file(tmp, prefix="bench", edit=raise_slas))
         self.tracker = Tracker()
         self.buses = []
         self.retained = []

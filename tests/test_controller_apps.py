@@ -1,12 +1,13 @@
 """The control plane's os-ken apps, started by controller.launcher, against real RESTCONF and a real bus.
 
-The nodes are ETSI 015 RESTCONF servers (``agents.sdn_agent``: NodeState + restconf_blueprint on
-qkdsdn.httpserver) with a bus presence of their own: their notifications are published on
-``notifications/<node>``, their status is retained on ``status/agent-<node>``, and a small
-responder answers ``km/<node>/config`` the way a key manager does (it decodes and checks every
-configuration with ``etsi015.session``). The key managers' requests are made the way a key
-manager makes them: ``bus.request`` on ``admission/request``. Buses: the in-process ``local`` bus,
-the embedded MQTT broker, and a real broker (Mosquitto) when QKDSDN_TEST_MQTT_URL is set.
+The nodes are controller_harness's emulated nodes: ETSI 015 RESTCONF servers (``agents.sdn_agent``:
+NodeState + restconf_blueprint on qkdsdn.httpserver) with a bus presence of their own: their
+notifications are published on ``notifications/<node>``, their status is retained on
+``status/agent-<node>``, and a small responder answers ``km/<node>/config`` the way a key manager
+does (here it also decodes and checks every configuration with ``etsi015.session``). The key
+managers' requests are made the way a key manager makes them: ``bus.request`` on
+``admission/request``. Buses: the in-process ``local`` bus, the embedded MQTT broker, and a real
+broker (Mosquitto) when QKDSDN_TEST_MQTT_URL is set.
 """
 from __future__ import annotations
 
@@ -19,24 +20,18 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
-from flask import Flask
 from sqlalchemy import select
 
-from agent_harness import free_ports
 from controller.apps.base import ADMISSION_CONTROL, ROUTING, SDN_CONTROLLER
 from controller.apps.context import ControllerConfig
 from controller.apps.events import TerminateRequest
 from controller.launcher import Controller, ControllerOptions
+from controller_harness import EmulatedNode, network_file
 from db import models as dbm
 from db.netfile import load
-from etsi015 import codec
 from etsi015 import model as em
 from etsi015.session import session_from_entries
-from qkdsdn.bus import LocalBus, MQTTBus, Topics, forget_session, reply_message, shared_broker
-from qkdsdn.httpserver import HTTPServer
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from qkdsdn.bus import LocalBus, MQTTBus, Topics, forget_session, shared_broker
 MQTT_URL = os.environ.get("QKDSDN_TEST_MQTT_URL")
 NO_MQTT = "QKDSDN_TEST_MQTT_URL is not set: no external MQTT broker to test against"
 WAIT = 20.0
@@ -53,24 +48,6 @@ def wait_for(condition, what: str, timeout: float = WAIT):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-def network_file(tmp_path: Path, source: str = "paper-poc.yaml") -> Path:
-    """The example with a unique network name (topics, client ids) and free loopback ports."""
-    data = yaml.safe_load((EXAMPLES / source).read_text())
-    data["network"]["name"] = f"ctl-{uuid.uuid4().hex[:8]}"
-    ports = iter(free_ports(len(data["nodes"]) + 2 * len(data["links"]) + 1))
-    for node in data["nodes"]:
-        node["km_address"] = f"127.0.0.1:{next(ports)}"
-    for link in data["links"]:
-        dev = dict(link.get("device") or {})
-        dev["master_address"] = f"127.0.0.1:{next(ports)}"
-        dev["slave_address"] = f"127.0.0.1:{next(ports)}"
-        link["device"] = dev
-    data.setdefault("deployment", {})["controller"] = f"127.0.0.1:{next(ports)}"
-    out = tmp_path / "network.yaml"
-    out.write_text(yaml.safe_dump(data, sort_keys=False))
-    return out
 
 
 class BusKind:
@@ -109,66 +86,26 @@ class BusKind:
                 forget_session(MQTT_URL, client_id)
 
 
-class FakeNode:
-    """One node: its ETSI 015 RESTCONF server, its notifications on the bus, a config responder."""
+class FakeNode(EmulatedNode):
+    """An emulated node whose key-manager stand-in decodes, checks and records every configuration,
+    and refuses it when told to."""
 
     def __init__(self, net, name: str, buses: BusKind):
-        from agents.sdn_agent import NodeState, restconf_blueprint
-
-        self.net, self.name = net, name
-        self.topics = Topics(net.name)
-        self.qkdn_id = net.node(name).qkdn_id
-        self.state = NodeState.from_network(net, name, perf_change_threshold=0.0)
         self.configs: list[tuple] = []
         self.refuse: str | None = None
         self.lock = threading.Lock()
-        app = Flask(f"fake-{name}")
-        app.register_blueprint(restconf_blueprint(self.state, self, lambda environ, method, path: True))
-        node = net.node(name)
-        self.server = HTTPServer(app, node.km_host, node.km_port, tls=None, insecure_dev=True, name=f"fake {name}")
-        self.bus = buses.bus(f"{net.name}-agent-{name}", status_topic=self.topics.status(f"agent-{name}"))
-        self.bus.subscribe(self.topics.km_config(name), self._on_config)
-        self.state.subscribe(self._notify)
-        self.server.start()
+        super().__init__(net, name, buses.bus)
 
-    # SessionConfigHandler of the RESTCONF datastore (the controller configures over the bus)
-    def configure(self, config) -> None:
-        pass
-
-    def deconfigure(self, ksid: str) -> None:
-        pass
-
-    def _on_config(self, topic: str, msg: dict) -> None:
-        op, ksid = msg["op"], msg["ksid"]
+    def on_config(self, op: str, ksid: str, msg: dict) -> str | None:
         config = session_from_entries(msg["qkd_app"], msg["qkd_link"], self.qkdn_id) if op == "configure" else None
         with self.lock:
             self.configs.append((op, ksid, config))
             refuse = self.refuse if op == "configure" else None
-        self.bus.publish(self.topics.km_reply(self.name),
-                         reply_message(msg, refuse is None, refuse, node=self.name, op=op, ksid=ksid))
-
-    def _notify(self, notification, event_time) -> None:
-        self.bus.publish(self.topics.notifications(self.name),
-                         codec.encode_notification(notification, event_time=event_time))
+        return refuse
 
     def received(self, ksid: str, op: str | None = None) -> list:
         with self.lock:
             return [c for c in self.configs if c[1] == ksid and (op is None or c[0] == op)]
-
-    def links_up(self, skr: int = 200_000, qber: float = 0.02) -> None:
-        for link in self.net.links_of(self.name):
-            self.state.set_link_status(link.qkdl_id, em.LinkStatus.ACTIVE)
-            self.state.set_link_performance(link.qkdl_id, skr=skr, qber=qber)
-
-    def request(self, payload: dict, timeout: float = WAIT) -> dict:
-        return self.bus.request(self.topics.admission_request(), {"node": self.name, **payload},
-                                reply_topic=self.topics.admission_reply(self.name), timeout=timeout)
-
-    def publish(self, payload: dict) -> None:
-        self.bus.publish(self.topics.admission_request(), {"node": self.name, **payload})
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 class Rig:
