@@ -23,6 +23,10 @@ Per session (DESIGN.md "Session life cycle", the paper's Fig. 2b):
   endpoint key manager, timer expiry (``tick``) or a path failure without replacement
   (``link_down``) terminate it: ``Delete`` to every key manager on the route, reservations
   released, then the delete confirmations are collected.
+- ``link_down`` moves a session to a replacement path, keeping its KSID, in confirmed steps:
+  the nodes new to the route, then the changed ones from the destination back to the source,
+  then the deletion of the old route's own nodes (``_reroute``); the next step is in the
+  ``Outcome`` of the ``confirmation`` that completes the one before.
 
 Reading of ETSI GS QKD 004 used here:
 - OPEN_CONNECT blocks until both peers are connected or the QoS ``Timeout`` passes, so a peer
@@ -292,8 +296,11 @@ class AdmissionSession:
     rate_bps: Optional[int] = None
     bucket_bits: Optional[int] = None
     reserved: bool = False
-    # Forwarding entries as last configured: node -> (prev hop, next hop).
-    entries: dict[str, tuple[Optional[str], Optional[str]]] = field(default_factory=dict)
+    # The configuration each key manager holds (or was sent last); a node leaves once its Delete is sent.
+    sent: dict[str, Configure] = field(default_factory=dict)
+    # The steps of a re-configuration not sent yet: the next one goes once every node of the one
+    # before confirmed (``AdmissionControl._reroute`` says why).
+    staged: list[list[Action]] = field(default_factory=list)
     awaiting_config: set[str] = field(default_factory=set)
     awaiting_delete: set[str] = field(default_factory=set)
     updated_at: Optional[dt.datetime] = None
@@ -468,6 +475,9 @@ class AdmissionControl:
         if s.awaiting_config:
             return out
         s.config_deadline = None
+        self._advance(out, s, now)
+        if s.awaiting_config:
+            return out  # the next step of a re-route went out
         s.updated_at = now
         if s.state is SessionState.ACCEPTED:
             s.state = SessionState.ACTIVE
@@ -614,11 +624,9 @@ class AdmissionControl:
         s.state = SessionState.ACCEPTED
         s.updated_at = now
         s.expires_at = None
-        entries = _entries(s.route)
-        out.actions += [self._configure(s, node, entry) for node, entry in entries.items()]
-        s.entries = entries
-        s.awaiting_config = set(entries)
-        s.config_deadline = now + dt.timedelta(seconds=self._config.confirm_timeout_s)
+        # One step: no application has its answer (and none asks for keys) before every key
+        # manager confirmed (controller.bus_adapter.AdmissionReplies holds the status 0).
+        self._send(out, s, [self._configure(s, node, entry) for node, entry in _entries(s.route).items()], now)
         granted = s.granted_qos()
         for node in sorted(s.requests, key=lambda n: (n != s.src_node, n)):
             out.actions.append(Reply(node=node, ksid=s.ksid, status=Status.SUCCESSFUL, qos=granted, hops=s.hops,
@@ -630,7 +638,7 @@ class AdmissionControl:
         return out
 
     def _reroute(self, out: Outcome, s: AdmissionSession, link: str, now: dt.datetime) -> None:
-        old_route, old_rate, old_bucket = list(s.route or []), s.rate_bps, s.bucket_bits
+        old_route = list(s.route or [])
         # The session's own reservation must not count against its replacement path.
         self._reservations.release(s.ksid)
         s.reserved = False
@@ -642,24 +650,52 @@ class AdmissionControl:
         s.rate_bps = rate
         s.bucket_bits = self._bucket(s, rate)
         s.route, s.links = list(path.nodes), list(path.links)
-        new_entries = _entries(s.route)
-        same_grant = (rate == old_rate and s.bucket_bits == old_bucket)
-        changed = [n for n, e in new_entries.items() if not (same_grant and s.entries.get(n) == e)]
-        obsolete = [n for n in old_route if n not in new_entries]
-        # Make before break: the new hops first, then the entries nobody needs any more.
-        out.actions += [self._configure(s, n, new_entries[n]) for n in changed]
-        out.actions += [Delete(node=n, ksid=s.ksid) for n in obsolete]
-        s.entries = new_entries
-        s.awaiting_config = (s.awaiting_config & set(new_entries)) | set(changed)
-        if s.awaiting_config:
-            s.config_deadline = now + dt.timedelta(seconds=self._config.confirm_timeout_s)
-        if obsolete:
-            s.awaiting_delete |= set(obsolete)
-            s.delete_deadline = now + dt.timedelta(seconds=self._config.delete_timeout_s)
+        new = [self._configure(s, n, e) for n, e in _entries(s.route).items()]
+        # Make before break, one step at a time, so that no relay message meets a key manager that
+        # does not know its sender. Key managers send only to the hops they hold (the source
+        # forwards keys towards the destination), so:
+        # 1. the nodes new to the route, all at once: nobody sends to them yet;
+        # 2. the nodes on both routes whose configuration changes, one by one from the destination
+        #    back to the source: each switches only once everything downstream of it on the new
+        #    route knows the session; the source goes last;
+        # 3. the nodes only on the old route, deleted once the new route is confirmed: the old
+        #    route carried the messages still in flight.
+        # A step goes out when every node of the one before confirmed (``confirmation``); a key
+        # manager applies its configuration on receipt, so sending them together would leave the
+        # order to the bus.
+        fresh = [c for c in new if c.node not in s.sent]
+        moved = [c for c in reversed(new) if c.node in s.sent and s.sent[c.node] != c]
+        obsolete = [n for n in s.sent if n not in s.route]
+        s.staged = ([fresh] if fresh else []) + [[c] for c in moved] \
+            + ([[Delete(node=n, ksid=s.ksid) for n in obsolete]] if obsolete else [])
+        # A step of an earlier re-route still unconfirmed goes first (its nodes stay awaited).
+        s.awaiting_config &= set(s.route)
+        if not s.awaiting_config:
+            s.config_deadline = None
         s.updated_at = now
         self._event(out, s, "session_rerouted", now, link=link, old_route=old_route, route=list(s.route),
-                    links=list(s.links), rate_bps=rate, configured=changed, deleted=obsolete)
+                    links=list(s.links), rate_bps=rate, configured=[c.node for c in fresh + moved],
+                    deleted=obsolete)
+        self._advance(out, s, now)
         self._row(out, s)
+
+    def _send(self, out: Outcome, s: AdmissionSession, step: list[Action], now: dt.datetime) -> None:
+        """Send one step of Configure / Delete actions; its configurations are then awaited."""
+        for a in step:
+            if isinstance(a, Configure):
+                s.sent[a.node] = a
+                s.awaiting_config.add(a.node)
+                s.config_deadline = now + dt.timedelta(seconds=self._config.confirm_timeout_s)
+            elif isinstance(a, Delete):
+                s.sent.pop(a.node, None)
+                s.awaiting_delete.add(a.node)
+                s.delete_deadline = now + dt.timedelta(seconds=self._config.delete_timeout_s)
+        out.actions += step
+
+    def _advance(self, out: Outcome, s: AdmissionSession, now: dt.datetime) -> None:
+        """Send the staged steps up to the next one that must be confirmed."""
+        while s.staged and not s.awaiting_config:
+            self._send(out, s, s.staged.pop(0), now)
 
     def _terminate(self, out: Outcome, s: AdmissionSession, now: dt.datetime, reason: str, *,
                    node: Optional[str] = None, status: Status = Status.NO_QKD_CONNECTION,
@@ -674,8 +710,13 @@ class AdmissionControl:
                                              reason=reason))
         deletes: list[str] = []
         if was in (SessionState.ACCEPTED, SessionState.ACTIVE):
-            deletes = list(s.route or [])
+            # Every node that holds (or was sent) a configuration: the route's, and those of the old
+            # route a re-route had not deleted yet; never a node a staged step had not reached.
+            route = list(s.route or [])
+            deletes = [n for n in route if n in s.sent] + [n for n in s.sent if n not in route]
             out.actions += [Delete(node=n, ksid=s.ksid) for n in deletes]
+        s.sent.clear()
+        s.staged.clear()
         if s.reserved:
             # Released at once: a key manager that never confirms must not keep the bandwidth.
             self._reservations.release(s.ksid)

@@ -451,27 +451,100 @@ def test_close_while_waiting_for_the_peer():
 # ------------------------------------------------------------------ link failures
 
 
-def test_link_down_reroutes_configure_before_delete_and_keeps_the_ksid():
+def confirm_steps(net: Net, t: dt.datetime, ksid: str = K) -> list[list]:
+    """Confirm whatever admission awaits until nothing is: what each round of confirmations sent."""
+    steps = []
+    while net.ac.session(ksid).awaiting_config:
+        sent = []
+        for node in sorted(net.ac.session(ksid).awaiting_config):
+            out = net.ac.confirmation(ksid, node, t)
+            assert out.error is None, out.error
+            sent += out.actions
+        steps.append(sent)
+    return steps
+
+
+def hops(route: list[str]) -> dict[str, tuple]:
+    return {n: (route[i - 1] if i else None, route[i + 1] if i + 1 < len(route) else None)
+            for i, n in enumerate(route)}
+
+
+def check_every_state(old_route: list[str], steps: list[list], new_route: list[str]) -> None:
+    """The key managers' forwarding entries in every state the steps can leave them in, a step's
+    configurations applied in any order. Messages start at the source (keys, towards the
+    destination) and at the destination (fetches, towards the source); on the nodes they can
+    reach: every hop a node names holds the session (no "no active session" answer); a node of the
+    old route that switched to its new entry has the whole new route downstream of it; the source
+    switches last.
+    Deletions go only to nodes nobody names any more."""
+    held = before = hops(old_route)
+    new = hops(new_route)
+    src, dst = new_route[0], new_route[-1]
+
+    def reach(state: dict[str, tuple], node: str, way: int) -> list[str]:
+        seen = [node]
+        while state[seen[-1]][way] in state and state[seen[-1]][way] not in seen:
+            seen.append(state[seen[-1]][way])
+        return seen
+
+    def check(state: dict[str, tuple]) -> None:
+        for node in set(reach(state, src, 1) + reach(state, dst, 0)):
+            for hop in state[node]:
+                assert hop is None or hop in state, f"{node} refers to {hop}, which holds nothing: {state}"
+            if node in before and before[node] != new.get(node) == state[node]:
+                downstream = reach(state, node, 1)
+                assert downstream[-1] == dst and all(state[b][0] == a for a, b in zip(downstream, downstream[1:])), \
+                    f"the new route downstream of {node} is not complete: {state}"
+        if state[src] == new[src] != before[src]:
+            assert all(state.get(n) == e for n, e in new.items()), f"the source switched first: {state}"
+
+    check(held)
+    for step in steps:
+        configures = [a for a in step if isinstance(a, Configure)]
+        deletes = [a.node for a in step if isinstance(a, Delete)]
+        assert not (configures and deletes), "deletion in the same step as configuration"
+        for node in deletes:
+            assert all(node not in e for n, e in held.items() if n != node), f"{node} deleted while in use"
+        for applied in range(1 << len(configures)):
+            state = {n: e for n, e in held.items() if n not in deletes}
+            for i, c in enumerate(configures):
+                if applied >> i & 1:
+                    state[c.node] = (c.prev_hop, c.next_hop)
+            check(state)
+        held = {n: e for n, e in held.items() if n not in deletes}
+        held.update({c.node: (c.prev_hop, c.next_hop) for c in configures})
+    assert held == new
+
+
+def test_link_down_reroutes_in_confirmed_steps_and_keeps_the_ksid():
     net = Net()
     open_pair(net, "KM2", "KM3")
     activate(net)
     out = net.ac.link_down("L02", at(5))
-    assert out.actions == [Configure("KM2", K, 3, 10000, 20000, 60.0, None, "KM6"),
-                           Configure("KM6", K, 3, 10000, 20000, 60.0, "KM2", "KM3"),
-                           Configure("KM3", K, 3, 10000, 20000, 60.0, "KM6", None),
-                           Delete("KM0", K)]
+    # The new hop first; nobody sends to it before it confirmed.
+    assert out.actions == [Configure("KM6", K, 3, 10000, 20000, 60.0, "KM2", "KM3")]
     assert kinds(out) == ["session_rerouted"]
-    assert out.events[0].details["old_route"] == ["KM2", "KM0", "KM3"]
+    details = out.events[0].details
+    assert details["old_route"] == ["KM2", "KM0", "KM3"]
+    assert (details["configured"], details["deleted"]) == (["KM6", "KM3", "KM2"], ["KM0"])
     s = net.ac.session(K)
     assert s.ksid == K and s.state is SessionState.ACTIVE and s.route == ["KM2", "KM6", "KM3"]
     assert net.reservations.get(K).links == ("L26", "L36")
     assert net.residual("L02") == net.residual("L03") == 200000 and net.residual("L26") == 180000
     assert out.sessions[0]["route"] == ["KM2", "KM6", "KM3"]
     assert out.sessions[0]["reservations"] == {"L26": 20000.0, "L36": 20000.0}
-    for node in ("KM2", "KM6"):
-        assert net.ac.confirmation(K, node, at(6)).events == []
-    assert kinds(net.ac.confirmation(K, "KM3", at(6))) == ["session_reconfigured"]
-    assert net.ac.confirmation(K, "KM0", at(6), deleted=True).error is None
+    # A node whose step has not come has nothing to confirm.
+    assert net.ac.confirmation(K, "KM2", at(6)).error == f"no configuration of {K} pending at KM2"
+    # Then the destination, the source last, and only then the old hop's deletion.
+    out = net.ac.confirmation(K, "KM6", at(6))
+    assert out.actions == [Configure("KM3", K, 3, 10000, 20000, 60.0, "KM6", None)] and out.events == []
+    out = net.ac.confirmation(K, "KM3", at(6))
+    assert out.actions == [Configure("KM2", K, 3, 10000, 20000, 60.0, None, "KM6")] and out.events == []
+    assert net.ac.next_deadline() == at(16)  # each step has its own confirmation deadline
+    out = net.ac.confirmation(K, "KM2", at(7))
+    assert out.actions == [Delete("KM0", K)]
+    assert kinds(out) == ["session_reconfigured"] and out.events[0].details["route"] == ["KM2", "KM6", "KM3"]
+    assert net.ac.confirmation(K, "KM0", at(8), deleted=True).error is None
     assert net.ac.next_deadline() == at(60)  # only the inactivity timer is left
 
 
@@ -479,12 +552,82 @@ def test_link_down_reconfigures_only_the_changed_hops():
     net = Net()
     open_pair(net, "KM4", "KM1")
     activate(net)
-    out = net.ac.link_down("L04", at(1))
-    assert [(c.node, c.prev_hop, c.next_hop) for c in out.configures] == [("KM4", None, "KM5"),
-                                                                          ("KM5", "KM4", "KM0"),
-                                                                          ("KM0", "KM5", "KM1")]
-    assert out.deletes == []  # every old node is still on the new route
-    assert net.ac.session(K).awaiting_config == {"KM4", "KM5", "KM0"}
+    first = net.ac.link_down("L04", at(1))
+    steps = [first.actions] + confirm_steps(net, at(2))
+    # KM1 keeps its entry (previous hop KM0) and is not touched.
+    assert [[(a.node, a.prev_hop, a.next_hop) for a in step] for step in steps] == [
+        [("KM5", "KM4", "KM0")], [("KM0", "KM5", "KM1")], [("KM4", None, "KM5")], []]
+    check_every_state(["KM4", "KM0", "KM1"], steps, ["KM4", "KM5", "KM0", "KM1"])
+
+
+@pytest.mark.parametrize("src, dst, skr, link, old, new", [
+    # Source and destination both change; the old hop is deleted.
+    ("KM2", "KM3", {}, "L02", ["KM2", "KM0", "KM3"], ["KM2", "KM6", "KM3"]),
+    # Two new hops; the source keeps its entry.
+    ("KM4", "KM3", {}, "L03", ["KM4", "KM0", "KM3"], ["KM4", "KM0", "KM2", "KM6", "KM3"]),
+    # A lower grant on the new path: every node is re-configured, the destination's entry unchanged.
+    ("KM4", "KM1", {"L45": 15000.0}, "L04", ["KM4", "KM0", "KM1"], ["KM4", "KM5", "KM0", "KM1"]),
+], ids=["old-hop-deleted", "two-new-hops", "new-grant"])
+def test_every_step_of_a_reroute_keeps_the_hops_consistent(src, dst, skr, link, old, new):
+    net = Net(skr=skr)
+    net.ac.request(req(src, dst, src, interface="014"), NOW)  # no peer to wait for
+    activate(net)
+    assert net.ac.session(K).route == old
+    first = net.ac.link_down(link, at(1))
+    steps = [first.actions] + confirm_steps(net, at(2))
+    assert net.ac.session(K).route == new and net.ac.session(K).state is SessionState.ACTIVE
+    check_every_state(old, steps, new)
+    configured = [a for step in steps for a in step if isinstance(a, Configure)]
+    # New nodes in the first step, then the others from the destination back to the source.
+    fresh = [n for n in new if n not in old]
+    assert [c.node for c in steps[0]] == fresh
+    common = [c.node for c in configured[len(fresh):]]
+    assert common == sorted(common, key=new.index, reverse=True)
+    assert all(len(step) == 1 for step in steps[1:len(common) + 1])
+    if skr:
+        assert {c.rate_bps for c in configured} == {15000} and common == ["KM1", "KM0", "KM4"]
+
+
+def test_the_ordered_steps_are_what_the_check_needs():
+    """check_every_state refuses the old way: every configuration and deletion sent at once."""
+    old, new = ["KM2", "KM0", "KM3"], ["KM2", "KM6", "KM3"]
+    at_once = [[Configure(n, K, 3, 10000, 20000, 60.0, p, x) for n, (p, x) in hops(new).items()]]
+    with pytest.raises(AssertionError, match="holds nothing|switched first"):
+        check_every_state(old, at_once, new)
+    with pytest.raises(AssertionError, match="deletion in the same step"):
+        check_every_state(old, [at_once[0] + [Delete("KM0", K)]], new)
+
+
+def test_a_second_failure_during_a_reroute_waits_for_the_step_in_flight():
+    net = Net()
+    net.ac.request(req("KM5", "KM3", "KM5", interface="014"), NOW)
+    activate(net)
+    first = net.ac.link_down("L03", at(1))
+    assert [c.node for c in first.configures] == ["KM2", "KM6"]
+    # Before KM2 and KM6 confirmed, L05 fails too: a new plan, sent after the step in flight.
+    out = net.ac.link_down("L05", at(2))
+    assert out.actions == [] and net.ac.session(K).awaiting_config == {"KM2", "KM6"}
+    assert net.ac.session(K).route == ["KM5", "KM4", "KM0", "KM2", "KM6", "KM3"]
+    assert out.events[0].details["configured"] == ["KM4", "KM3", "KM0", "KM5"]
+    steps = [first.configures] + confirm_steps(net, at(3))
+    assert [[a.node for a in step] for step in steps] == [["KM2", "KM6"], ["KM4"], ["KM3"], ["KM0"], ["KM5"], []]
+    check_every_state(["KM5", "KM0", "KM3"], steps, ["KM5", "KM4", "KM0", "KM2", "KM6", "KM3"])
+
+
+def test_a_reroute_ending_midway_deletes_the_old_hops_too():
+    net = Net()
+    open_pair(net, "KM2", "KM3")
+    activate(net)
+    net.ac.link_down("L02", at(1))
+    net.ac.confirmation(K, "KM6", at(2))
+    out = net.ac.failure(K, "KM3", "RESTCONF 409", at(3))
+    assert out.events[0].details["cause"] == "configuration_failed"
+    # KM0 still holds the old route's entry: it is deleted with the rest.
+    assert out.actions == [Delete("KM2", K), Delete("KM6", K), Delete("KM3", K), Delete("KM0", K)]
+    s = net.ac.session(K)
+    assert s.state is SessionState.TERMINATED and s.awaiting_delete == {"KM2", "KM6", "KM3", "KM0"}
+    # Nothing staged goes out any more.
+    assert net.ac.confirmation(K, "KM2", at(4)).error is not None and s.staged == []
 
 
 def test_link_down_without_replacement_terminates():
@@ -506,7 +649,8 @@ def test_unconfirmed_reroute_rolls_back():
     net.ac.link_down("L03", at(1))
     out = net.ac.tick(at(11))
     assert out.events[0].details["cause"] == "configuration_timeout"
-    assert out.deletes == [Delete("KM2", K), Delete("KM6", K), Delete("KM3", K)]
+    # KM0 of the old route still holds the session: it is deleted too.
+    assert out.deletes == [Delete("KM2", K), Delete("KM6", K), Delete("KM3", K), Delete("KM0", K)]
     assert net.reservations.get(K) is None
 
 

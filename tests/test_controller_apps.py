@@ -90,7 +90,9 @@ class FakeNode(EmulatedNode):
     """An emulated node whose key-manager stand-in decodes, checks and records every configuration,
     and refuses it when told to."""
 
-    def __init__(self, net, name: str, buses: BusKind):
+    def __init__(self, net, name: str, buses: BusKind, journal: list | None = None):
+        # Shared by the rig's nodes: (node, "received" | "replied", op, ksid) in the order it happened.
+        self.journal = journal if journal is not None else []
         self.configs: list[tuple] = []
         self.refuse: str | None = None
         self.lock = threading.Lock()
@@ -101,6 +103,8 @@ class FakeNode(EmulatedNode):
         with self.lock:
             self.configs.append((op, ksid, config))
             refuse = self.refuse if op == "configure" else None
+        self.journal.append((self.name, "received", op, ksid))
+        self.journal.append((self.name, "replied", op, ksid))  # before the controller can see it
         return refuse
 
     def received(self, ksid: str, op: str | None = None) -> list:
@@ -116,7 +120,8 @@ class Rig:
         self.path = network_file(tmp_path)
         self.net = load(self.path)
         self.buses = BusKind(kind)
-        self.nodes = {n.name: FakeNode(self.net, n.name, self.buses) for n in self.net.nodes}
+        self.journal: list[tuple] = []
+        self.nodes = {n.name: FakeNode(self.net, n.name, self.buses, self.journal) for n in self.net.nodes}
         for node in self.nodes.values():
             node.links_up()
         d = self.net.deployment
@@ -301,6 +306,7 @@ def test_a_session_is_moved_off_a_failed_link_when_another_path_exists(local_rig
     answer = km4.request(open_request(ksid, "KM4", "SAE-KM4", interface="014", user="alice", src="SAE-KM4",
                                       dst="SAE-KM5"))
     assert answer["status"] == 0 and answer["hops"] == 0
+    set_up = len(rig.journal)
     km4.state.set_link_status(rig.net.link("L45").qkdl_id, em.LinkStatus.OFF, "maintenance")
     # Make before break: KM0 is configured, KM4 and KM5 re-configured with their new hops.
     wait_for(lambda: rig.session_row(ksid).route == ["KM4", "KM0", "KM5"], "the new route")
@@ -309,6 +315,12 @@ def test_a_session_is_moved_off_a_failed_link_when_another_path_exists(local_rig
     wait_for(lambda: len(km4.received(ksid, "configure")) == 2, "KM4 re-configured")
     assert km4.received(ksid, "configure")[-1][2].next_hop == ids["KM0"]
     wait_for(lambda: rig.session_row(ksid).state is dbm.SessionState.ACTIVE, "the session active again")
+    # On the wire, one step after the other: each goes out only once the one before was answered.
+    # The new hop KM0, then the destination KM5, the source KM4 last (it sends keys at once).
+    wait_for(lambda: ("KM4", "replied", "configure", ksid) in rig.journal[set_up:], "KM4's answer")
+    rerouted = [(node, what) for node, what, op, k in rig.journal[set_up:] if k == ksid and op == "configure"]
+    assert rerouted == [("KM0", "received"), ("KM0", "replied"), ("KM5", "received"), ("KM5", "replied"),
+                        ("KM4", "received"), ("KM4", "replied")]
 
 
 def test_an_agent_going_offline_takes_its_node_down_at_once(local_rig):

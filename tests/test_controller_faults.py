@@ -186,6 +186,56 @@ def test_session_survives_a_cut_link_over_a_new_route(outer):
     wait_for(lambda: chain.session_row(ksid).state is dbm.SessionState.TERMINATED, "the closed session")
 
 
+def test_keys_keep_flowing_while_a_reroute_waits_for_its_new_hop(outer):
+    """The re-route's first step configures only the new hop (KM0); until it confirmed, KM4 and KM5
+    keep their old entries, so keys still flow over what L45's pools hold and nobody sends to a
+    key manager that does not know the session (which would end it: "no active session", 409).
+    KM0 holds its configuration until the test has taken keys; configured all at once, KM4 would
+    relay through KM0 by then."""
+    from agents.core.session import QoS
+
+    chain = outer
+    ksid = str(uuid.uuid4())
+    opened = open_both(chain, "SAE-KM4", "SAE-KM5", QoS(Key_chunk_size=32, Max_bps=8000, Timeout=15_000, TTL=60),
+                       ksid)
+    assert [o.status for o in opened] == [0, 0], [o.message for o in opened]
+    wait_for(lambda: chain.session_row(ksid).state is dbm.SessionState.ACTIVE, "the active session")
+    km4, km5 = chain.client("SAE-KM4"), chain.client("SAE-KM5")
+    k4, k5 = km4.get_key(ksid, timeout=WAIT), km5.get_key(ksid, timeout=WAIT)
+    assert (k4.status, k5.status, k4.key) == (0, 0, k5.key)
+
+    km0 = chain.agents["KM0"]
+    entered, release = threading.Event(), threading.Event()
+    configure = km0.configure
+
+    def held_configure(config):
+        if config.ksid == ksid:
+            entered.set()
+            release.wait(WAIT)
+        configure(config)
+
+    km0.configure = held_configure  # the datastore calls its handler's configure
+    try:
+        assert chain.fault("L45", action="cut")["state"] == "cut"
+        wait_for(entered.is_set, "KM0 receiving the new route's configuration")
+        # Re-routing, KM0 not configured yet: KM4 and KM5 still on L45.
+        for _ in range(3):
+            k4, k5 = km4.get_key(ksid, timeout=WAIT), km5.get_key(ksid, timeout=WAIT)
+            assert (k4.status, k5.status) == (0, 0), (k4, k5)
+            assert k4.index == k5.index and k4.key == k5.key
+    finally:
+        release.set()
+    wait_for(lambda: [e for e in chain.events("session_reconfigured") if e.ksid == ksid],
+             "the re-routed session confirmed")
+    assert chain.session_row(ksid).route == ["KM4", "KM0", "KM5"]
+    for _ in range(2):
+        k4, k5 = km4.get_key(ksid, timeout=WAIT), km5.get_key(ksid, timeout=WAIT)
+        assert (k4.status, k5.status) == (0, 0) and k4.key == k5.key
+    assert chain.session_row(ksid).state is dbm.SessionState.ACTIVE
+    assert not [e for e in chain.events("session_terminated") if e.ksid == ksid]
+    assert km4.close(ksid) == 0
+
+
 def test_qber_alarm_takes_a_link_out_of_routing_and_back(outer):
     chain = outer
     alarms, lock = [], threading.Lock()
