@@ -371,8 +371,25 @@ def below_half(v: float) -> str | None:
     return None if 0 <= v < 0.5 else f"must be between 0 and 0.5, got {v}"
 
 
-def uint32(v: int) -> str | None:
-    return None if 0 <= v <= 0xFFFFFFFF else f"must be between 0 and 4294967295, got {v}"
+# Integers the databases hold in bounded columns (db/models.py), with the ranges the operator REST API
+# (controller/rest.py) enforces: ETSI uint32 values in BIGINT columns, max_sessions in an INTEGER column.
+UINT32_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
+PORT_MAX = 65535
+# etsi-qkdn-types:wavelength is a string of at most four digits, no leading zero (ETSI GS QKD 015).
+WAVELENGTH_MAX = 9999
+
+
+def int_range(lo: int, hi: int, note: str = "") -> Callable[[int], str | None]:
+    def check(v: int) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}{note}, got {v}"
+    return check
+
+
+uint32 = int_range(0, UINT32_MAX, " (uint32)")
+positive_uint32 = int_range(1, UINT32_MAX, " (uint32)")
+positive_int32 = int_range(1, INT32_MAX)
+wavelength_check = int_range(1, WAVELENGTH_MAX)
 
 
 def name_check(v: str) -> str | None:
@@ -570,6 +587,7 @@ def parse(text: str, file: str = "<network>") -> Network:
 
     # links
     links: list[Link] = []
+    link_paths: list[tuple] = []
     link_names: dict[str, tuple] = {}
     pairs: dict[frozenset, tuple] = {}
     for i, item in enumerate(_list(doc, data, "links", required=False)):
@@ -580,7 +598,7 @@ def parse(text: str, file: str = "<network>") -> Network:
         qkdl_id = s.get("id", "string", check=uuid_check)
         length = s.get("length_km", "number", required=True, check=positive)
         att = s.get("attenuation_db_km", "number", default=0.2, check=positive)
-        wl = s.get("wavelength_nm", "integer", default=1550, check=positive)
+        wl = s.get("wavelength_nm", "integer", default=1550, check=wavelength_check)
         device = kme = None
         if "device" in s.data:
             device = _device(doc, s.data["device"], p + ("device",))
@@ -618,6 +636,7 @@ def parse(text: str, file: str = "<network>") -> Network:
             continue
         links.append(Link(name=name, qkdl_id=qkdl_id, master=ends[0], slave=ends[1], length_km=length,
                           attenuation_db_km=att, wavelength_nm=wl, device=device, kme=kme))
+        link_paths.append(p)
 
     # users
     users: list[User] = []
@@ -671,11 +690,11 @@ def parse(text: str, file: str = "<network>") -> Network:
                     check=lambda v: None if v == "embedded" or re.match(r"^mqtts?://", v)
                     else f"'{v}' is neither 'embedded' nor an mqtt:// or mqtts:// URL")
         twin_host = s.get("twin_host", "string", default="127.0.0.1")
-        twin_port = s.get("twin_base_port", "integer", default=9100,
-                          check=lambda v: None if 0 < v < 65000 else f"port out of range: {v}")
+        twin_port = s.get("twin_base_port", "integer", default=9100, check=int_range(1, 64999))
         ch, cp = split_hostport(ctl)
         deployment = Deployment(controller_host=ch, controller_port=cp, bus=bus,
                                 twin_host=twin_host, twin_base_port=twin_port)
+    _check_twin_ports(doc, links, link_paths, deployment, "deployment" in data)
 
     if doc.problems:
         raise NetworkFileError(sorted(doc.problems, key=lambda pr: (pr.line or 0)))
@@ -686,9 +705,9 @@ def parse(text: str, file: str = "<network>") -> Network:
 def _sla(doc: _Doc, data: Any, path: tuple, nodes: dict[str, tuple]) -> SLA | None:
     s = _Section(doc, data, path, SLA_KEYS, "sla")
     max_priority = s.get("max_priority", "integer", required=True, check=uint32)
-    max_bps = s.get("max_bps", "integer", required=True, check=positive)
-    max_sessions = s.get("max_sessions", "integer", required=True, check=positive)
-    bucket = s.get("bucket_bits", "integer", required=True, check=positive)
+    max_bps = s.get("max_bps", "integer", required=True, check=positive_uint32)
+    max_sessions = s.get("max_sessions", "integer", required=True, check=positive_int32)
+    bucket = s.get("bucket_bits", "integer", required=True, check=positive_uint32)
     allowed = s.get("allowed_destinations", "list of strings")
     if allowed is not None:
         for j, dest in enumerate(allowed):
@@ -698,6 +717,23 @@ def _sla(doc: _Doc, data: Any, path: tuple, nodes: dict[str, tuple]) -> SLA | No
         return None
     return SLA(max_priority=max_priority, max_bps=max_bps, max_sessions=max_sessions, bucket_bits=bucket,
                allowed_destinations=tuple(allowed) if allowed is not None else None)
+
+
+def _check_twin_ports(doc: _Doc, links: list[Link], paths: list[tuple], deployment: Deployment,
+                      explicit: bool) -> None:
+    """An emulated link without its own KME addresses gets ports base+2i and base+2i+1: all must exist."""
+    base = deployment.twin_base_port
+    for i, (link, path) in enumerate(zip(links, paths)):
+        if link.device is None:
+            continue
+        needed = [base + 2 * i + k for k, addr in enumerate((link.device.master_address,
+                                                              link.device.slave_address)) if addr is None]
+        if needed and needed[-1] > PORT_MAX:
+            where = ("deployment", "twin_base_port") if explicit else path
+            doc.error(where, f"{fmt_path(path)} would get port {needed[-1]} (twin_base_port {base} + "
+                      f"{needed[-1] - base}) for its emulated KME, above {PORT_MAX}: lower twin_base_port "
+                      "or give that device master_address and slave_address")
+            return
 
 
 def _unique(doc: _Doc, seen: dict[str, tuple], value: str, path: tuple, what: str) -> None:

@@ -207,3 +207,41 @@ def test_uint32_values_fit_on_every_backend(db_url):  # noqa: F811
         assert alice.sla.max_priority == alice.sla.max_bps == 4294967295
         assert s.scalar(select(m.Application.priority).where(m.Application.sae_id == "SAE-KM0")) == 4294967295
     engine.dispose()
+
+
+def test_largest_file_values_load_and_read_back(db_url, tmp_path):  # noqa: F811
+    """Every bounded integer of the file at its largest accepted value, through `db init`, read back."""
+    text = (EXAMPLES / "paper-poc.yaml").read_text().replace(
+        "sla: {max_priority: 7, max_bps: 64000, max_sessions: 4, bucket_bits: 65536}",
+        "sla: {max_priority: 4294967295, max_bps: 4294967295, max_sessions: 2147483647, bucket_bits: 4294967295}",
+        1).replace(
+        "{sae_id: SAE-KM0, node: KM0, user: alice, priority: 5}",
+        "{sae_id: SAE-KM0, node: KM0, user: alice, priority: 4294967295}").replace(
+        "{name: L01, ends: [KM0, KM1], length_km: 10,",
+        "{name: L01, ends: [KM0, KM1], length_km: 10, wavelength_nm: 9999,")
+    big = tmp_path / "big.yaml"
+    big.write_text(text)
+    assert main(["db", "init", str(big), "--db", db_url]) == 0
+    engine = make_engine(db_url)
+    with session_factory(engine)() as s:
+        sla = s.scalar(select(m.User).where(m.User.name == "alice")).sla
+        assert (sla.max_priority, sla.max_bps, sla.max_sessions, sla.bucket_bits) == (
+            4294967295, 4294967295, 2147483647, 4294967295)
+        assert s.scalar(select(m.Application.priority).where(m.Application.sae_id == "SAE-KM0")) == 4294967295
+        l01 = s.scalar(select(m.Link).where(m.Link.name == "L01"))
+        assert l01.wavelength_nm == l01.src_interface.wavelength_nm == 9999
+    engine.dispose()
+
+
+def test_values_the_database_cannot_hold_write_nothing(db_url, tmp_path, capsys):  # noqa: F811
+    assert main(["db", "init", str(EXAMPLES / "paper-poc.yaml"), "--db", db_url]) == 0
+    before = snapshot(db_url)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((EXAMPLES / "paper-poc.yaml").read_text().replace(
+        "sla: {max_priority: 7, max_bps: 64000, max_sessions: 4, bucket_bits: 65536}",
+        "sla: {max_priority: 7, max_bps: 4294967296, max_sessions: 2147483648, bucket_bits: 65536}", 1))
+    assert main(["db", "init", str(bad), "--db", db_url, "--replace"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:29: users[0].sla.max_bps: must be between 1 and 4294967295 (uint32), got 4294967296" in err
+    assert f"{bad}:29: users[0].sla.max_sessions: must be between 1 and 2147483647, got 2147483648" in err
+    assert snapshot(db_url) == before

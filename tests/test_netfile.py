@@ -183,8 +183,8 @@ def test_user_without_sla():
 
 
 @pytest.mark.parametrize("old,new,where", [
-    ("max_bps: 1000", "max_bps: 0", "users[0].sla.max_bps: must be greater than 0, got 0"),
-    ("max_bps: 1000", "max_bps: -5", "users[0].sla.max_bps: must be greater than 0, got -5"),
+    ("max_bps: 1000", "max_bps: 0", "users[0].sla.max_bps: must be between 1 and 4294967295 (uint32), got 0"),
+    ("max_bps: 1000", "max_bps: -5", "users[0].sla.max_bps: must be between 1 and 4294967295 (uint32), got -5"),
     ("length_km: 20", "length_km: -1", "links[1].length_km: must be greater than 0, got -1.0"),
     ("length_km: 10}", "length_km: 10, device: {model: fixed, skr_bps: 0, qber: 0.01}}",
      "links[0].device.skr_bps: must be greater than 0, got 0.0"),
@@ -194,6 +194,105 @@ def test_user_without_sla():
 def test_negative_or_zero_rates(old, new, where):
     msg = one(BASE.replace(old, new, 1))
     assert msg.startswith("net.yaml:") and msg.split(": ", 1)[1] == where
+
+
+UINT32_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
+SLA_LINE = "    sla: {max_priority: 5, max_bps: 1000, max_sessions: 2, bucket_bits: 4096}\n"
+
+
+# Every integer that lands in a bounded database column is checked: SLA values and priorities against the ranges
+# the operator REST API enforces, the wavelength against ETSI 015's etsi-qkdn-types:wavelength (1 to 4 digits).
+# (key as in the file, text of BASE it goes into, line, smallest, largest, note in the message)
+BOUNDED = [
+    ("users[0].sla.max_priority", "max_priority: 5", 12, 0, UINT32_MAX, " (uint32)"),
+    ("users[0].sla.max_bps", "max_bps: 1000", 12, 1, UINT32_MAX, " (uint32)"),
+    ("users[0].sla.max_sessions", "max_sessions: 2", 12, 1, INT32_MAX, ""),
+    ("users[0].sla.bucket_bits", "bucket_bits: 4096", 12, 1, UINT32_MAX, " (uint32)"),
+    ("applications[0].priority", "user: u}", 14, 0, UINT32_MAX, " (uint32)"),
+    ("links[0].wavelength_nm", "length_km: 10}", 8, 1, 9999, ""),
+]
+
+
+def _set(old: str, key: str, value: int) -> str:
+    name = key.rsplit(".", 1)[1]
+    if old.startswith(name):
+        return BASE.replace(old, f"{name}: {value}", 1)
+    return BASE.replace(old, f"{old[:-1]}, {name}: {value}}}", 1)
+
+
+@pytest.mark.parametrize("key,old,line,lo,hi,note", BOUNDED, ids=[b[0] for b in BOUNDED])
+def test_integer_bounds(key, old, line, lo, hi, note):
+    name = key.rsplit(".", 1)[1]
+    for ok in (lo, hi):
+        net = parse(_set(old, key, ok), "net.yaml")
+        holder = {"users": lambda: net.users[0].sla, "applications": lambda: net.applications[0],
+                  "links": lambda: net.links[0]}[key.split("[")[0]]()
+        assert getattr(holder, name) == ok
+    for bad in (lo - 1, hi + 1):
+        assert one(_set(old, key, bad)) == (
+            f"net.yaml:{line}: {key}: must be between {lo} and {hi}{note}, got {bad}")
+
+
+def test_out_of_range_values_are_reported_together():
+    text = BASE.replace(SLA_LINE, f"    sla: {{max_priority: {UINT32_MAX + 1}, max_bps: {UINT32_MAX + 1}, "
+                                  f"max_sessions: {INT32_MAX + 1}, bucket_bits: {2**64}}}\n").replace(
+        "user: u}", f"user: u, priority: {UINT32_MAX + 1}}}")
+    assert problems(text) == [
+        "net.yaml:12: users[0].sla.max_priority: must be between 0 and 4294967295 (uint32), got 4294967296",
+        "net.yaml:12: users[0].sla.max_bps: must be between 1 and 4294967295 (uint32), got 4294967296",
+        "net.yaml:12: users[0].sla.max_sessions: must be between 1 and 2147483647, got 2147483648",
+        "net.yaml:12: users[0].sla.bucket_bits: must be between 1 and 4294967295 (uint32), "
+        "got 18446744073709551616",
+        "net.yaml:14: applications[0].priority: must be between 0 and 4294967295 (uint32), got 4294967296",
+    ]
+
+
+def test_largest_values_parse():
+    net = parse(BASE.replace(SLA_LINE, f"    sla: {{max_priority: {UINT32_MAX}, max_bps: {UINT32_MAX}, "
+                                       f"max_sessions: {INT32_MAX}, bucket_bits: {UINT32_MAX}}}\n"), "net.yaml")
+    sla = net.users[0].sla
+    assert (sla.max_priority, sla.max_bps, sla.max_sessions, sla.bucket_bits) == (
+        UINT32_MAX, UINT32_MAX, INT32_MAX, UINT32_MAX)
+
+
+@pytest.mark.parametrize("port,ok", [(1, True), (65535, True), (0, False), (65536, False)])
+def test_key_manager_port_bounds(port, ok):
+    text = BASE.replace("  - name: A\n", f"  - name: A\n    km_address: 127.0.0.1:{port}\n", 1)
+    if ok:
+        assert parse(text, "net.yaml").node("A").km_port == port
+    else:
+        assert one(text) == f"net.yaml:5: nodes[0].km_address: '127.0.0.1:{port}' is not HOST:PORT"
+
+
+def test_twin_base_port_bounds():
+    assert parse(BASE + "deployment: {twin_base_port: 64999}\n", "net.yaml").deployment.twin_base_port == 64999
+    assert one(BASE + "deployment: {twin_base_port: 65000}\n") == (
+        "net.yaml:15: deployment.twin_base_port: must be between 1 and 64999, got 65000")
+
+
+def chain(links: int, base: int, last_device: str | None = None) -> str:
+    """A chain of emulated links N0-N1-...; the last link's device given as YAML flow text."""
+    nodes = "".join(f"  - name: N{i}\n" for i in range(links + 1))
+    edges = "".join(f"  - {{ends: [N{i}, N{i + 1}], length_km: 10"
+                    f"{f', device: {last_device}' if last_device and i == links - 1 else ''}}}\n"
+                    for i in range(links))
+    return f"network: {{name: t}}\nnodes:\n{nodes}links:\n{edges}deployment: {{twin_base_port: {base}}}\n"
+
+
+def test_twin_ports_of_every_emulated_link_exist():
+    # Link i's emulated KMEs listen on base+2i and base+2i+1: with base 64999, 268 links end at 65534.
+    net = parse(chain(268, 64999), "net.yaml")
+    assert net.twin_addresses(net.links[-1]) == ("127.0.0.1:65533", "127.0.0.1:65534")
+    line = 2 + 270 + 1 + 269 + 1  # the deployment line
+    assert one(chain(269, 64999)) == (
+        f"net.yaml:{line}: deployment.twin_base_port: links[268] would get port 65536 (twin_base_port 64999 + 537)"
+        " for its emulated KME, above 65535: lower twin_base_port or give that device master_address and"
+        " slave_address")
+    # A device with its own addresses needs no twin port.
+    addresses = "{master_address: '127.0.0.1:7000', slave_address: '127.0.0.1:7001'}"
+    net = parse(chain(269, 64999, addresses), "net.yaml")
+    assert net.twin_addresses(net.links[-1]) == ("127.0.0.1:7000", "127.0.0.1:7001")
 
 
 def test_fixed_model_needs_rate_and_qber():
