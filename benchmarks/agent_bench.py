@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -59,10 +58,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "tests"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from _common import REPO, cpu_seconds, machine, on_path
+
+on_path(REPO, REPO / "tests")
 
 NODES = ("KM0", "KM1", "KM2", "KM3", "KM4", "KM5")
 ADJACENT = ("SAE-KM0", "SAE-KM1")
@@ -171,16 +169,6 @@ class Processes:
             proc._bench_log.close()  # type: ignore[attr-defined]
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # Fields 14 and 15 (utime, stime) are at 11 and 12 after the ")" of the command name.
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 # --------------------------------------------------------------------------- clients
 
 
@@ -274,13 +262,13 @@ def load(sessions_urls: list[tuple[object, str]], seconds: float, pids: list[int
     for t in threads:
         t.start()
     start.wait()
-    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+    cpu0, t0 = cpu_seconds(*pids), time.perf_counter()
     time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join(HTTP_TIMEOUT_S + 5)
     elapsed = time.perf_counter() - t0
-    cpu = cpu_seconds(pids) - cpu0
+    cpu = cpu_seconds(*pids) - cpu0
     latencies = [x for r in runs for x in r.latencies]
     errors: dict[str, int] = {}
     for r in runs:
@@ -292,16 +280,6 @@ def load(sessions_urls: list[tuple[object, str]], seconds: float, pids: list[int
 
 
 # --------------------------------------------------------------------------- main
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def human(bps: float) -> str:
@@ -414,9 +392,9 @@ def main(argv=None) -> int:
                     if time.monotonic() > deadline:
                         raise SystemExit(f"the link-key pool of {master} did not fill: {r.status_code} {r.text}")
                     time.sleep(0.2)
-            cpu0, w0 = cpu_seconds(km_pids), time.perf_counter()
+            cpu0, w0 = cpu_seconds(*km_pids), time.perf_counter()
             time.sleep(IDLE_S)
-            idle_cpu = (cpu_seconds(km_pids) - cpu0) / (time.perf_counter() - w0)
+            idle_cpu = (cpu_seconds(*km_pids) - cpu0) / (time.perf_counter() - w0)
 
             def left() -> float:
                 return BUDGET_S - SHUTDOWN_RESERVE_S - (time.perf_counter() - t_start)
@@ -445,8 +423,7 @@ def main(argv=None) -> int:
         finally:
             procs.stop()
 
-    print(f"machine: {os.cpu_count()} CPU(s) (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}, "
-          f"Python {platform.python_version()}; load average {load_before[0]:.1f} before the run, "
+    print(f"machine: {machine()}; load average {load_before[0]:.1f} before the run, "
           f"{os.getloadavg()[0]:.1f} after (other work on the machine skews every figure)")
     print(f"network: examples/paper-poc.yaml on loopback, mutual TLS, twin and 6 agents each its own process "
           f"(started in {started_s:.1f} s); the no-op ran alone before it")

@@ -34,9 +34,6 @@ No new bus is started once --budget seconds have passed, so the default run stay
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import platform
 import socket
 import statistics
 import sys
@@ -47,10 +44,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path as FsPath
 
-REPO = FsPath(__file__).resolve().parents[1]
-for _path in (REPO, REPO / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from _common import REPO, machine, on_path, pct
+
+on_path(REPO, REPO / "tests")
 
 import logging  # noqa: E402
 
@@ -127,22 +123,6 @@ def open_payload(net, ksid: str, node: str, src: str, dst: str, interface: str) 
     return {"op": "open", "ksid": ksid, "interface": interface, "user": user, "requesting_node": node,
             "local_sae": local, "source_sae": src_sae, "destination_sae": dst_sae,
             "qos": {"Max_bps": 100, "Timeout": 20_000, "TTL": 600}}
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] if values else float("nan")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def mqtt_reachable(url: str) -> bool:
@@ -331,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"controller benchmark: paper-poc (6 key managers emulated on the bus), {args.clients} concurrent "
           f"requesters, up to {args.sessions} sessions or {args.seconds:g} s per row, Max_bps 100, SQLite; "
           f"total {time.perf_counter() - t_start:.1f} s")
-    print(f"machine: nproc={os.cpu_count()} (usable {len(os.sched_getaffinity(0))}), CPU {cpu_model()}, "
-          f"Python {platform.python_version()}")
+    print(f"machine: {machine()}")
     print()
     print("| bus | interface | sessions (admitted) | set-ups/s | p50 ms | p99 ms | closes/s |")
     print("|---|---|---|---|---|---|---|")

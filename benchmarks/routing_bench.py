@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import random
 import statistics
 import sys
 import time
-from pathlib import Path as FsPath
 
-REPO = FsPath(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _common import REPO, machine, on_path, pct
+
+on_path(REPO)
 
 import networkx as nx  # noqa: E402
 
@@ -64,22 +61,6 @@ def topology(nodes: int, links: int, seed: int) -> list[LinkView]:
         views.append(LinkView(f"L{n}", f"N{i}", f"N{j}", skr_bps=round(skr, 1), qber=round(rng.uniform(0.01, 0.06), 4),
                               length_km=round(length, 3)))
     return views
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"routing benchmark: {args.nodes} nodes, {args.links} links (seed {args.seed}), "
           f"{args.requests} requests, up to {args.hold} sessions held; graph built in {build_s:.2f} s")
-    print(f"machine: nproc={os.cpu_count()} (usable {len(os.sched_getaffinity(0))}), CPU {cpu_model()}, "
-          f"Python {platform.python_version()}, networkx {nx.__version__}")
+    print(f"machine: {machine()}, networkx {nx.__version__}")
     print()
     print(f"{'operation':<20} {'n':>6} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'max ms':>9}")
     for op, values in times.items():

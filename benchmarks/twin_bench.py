@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,9 +27,9 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _common import REPO, cpu_seconds, machine, on_path
+
+on_path(REPO)
 
 LINKS_1M = 10
 FAST = "FAST"
@@ -65,13 +63,6 @@ def serve_child(net_path: str, pki_dir: str) -> None:
     print(json.dumps({name: service.urls(name) for name in service.links}), flush=True)
     sys.stdin.read()  # the parent closes stdin to stop us
     service.stop()
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # Fields 14 and 15 (utime, stime) are at 11 and 12 after the ")" of the command name.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- clients
@@ -188,16 +179,6 @@ def idle(pid: int, seconds: float) -> float:
 # --------------------------------------------------------------------------- main
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def human(bps: float) -> str:
     for unit, scale in (("Gb/s", 1e9), ("Mb/s", 1e6), ("kb/s", 1e3)):
         if bps >= scale:
@@ -245,8 +226,7 @@ def main(argv=None) -> int:
                 proc.kill()
                 proc.wait()
 
-    print(f"machine: {os.cpu_count()} CPU(s) (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}, "
-          f"Python {platform.python_version()}")
+    print(f"machine: {machine()}")
     print()
     print("1. ETSI 014 throughput over mutual TLS, one link, driver as client (enc_keys + dec_keys)")
     print(f"   {'keys/request':>12}  {'key size':>8}  {'HTTP requests/s':>15}  {'keys/s':>10}  {'key rate':>12}")
