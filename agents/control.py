@@ -363,6 +363,16 @@ class LocalControlPlane:
         with self._cond:
             return dict(self._routes)
 
+    def adopt(self, ksid: str, route: list[str], user: str | None) -> None:
+        """A session this authority admitted before a restart (from the key manager's saved
+        configuration): its route is released at its end as if admitted now."""
+        if not isinstance(route, list) or len(route) < 2 or not all(n in self._graph for n in route):
+            raise ValueError(f"route {route!r} is not a path of this network")
+        with self._cond:
+            self._routes[ksid] = list(route)
+            if user:
+                self._owner[ksid] = user
+
 
 def _combine(qoss: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}

@@ -758,6 +758,16 @@ class KeyStore:
                                tuple(s for s, g in zip(SIDES, (gs, gd)) if g))
                 for i, st, at, ws, wd, gs, gd in rows]
 
+    def drop_sessions_except(self, keep: Iterable[str]) -> int:
+        """Delete the keys of every session not in ``keep`` (after a restart: sessions nothing
+        can deliver any more); returns how many sessions."""
+        keep = set(keep)
+        with self._tx() as db:
+            ksids = [k for (k,) in db.execute("SELECT DISTINCT ksid FROM session_keys") if k not in keep]
+            for ksid in ksids:
+                db.execute("DELETE FROM session_keys WHERE ksid=?", (ksid,))
+        return len(ksids)
+
     def drop_session(self, ksid: str) -> int:
         """Delete every key of the session (its bytes with them); returns how many."""
         with self._tx() as db:

@@ -11,8 +11,10 @@ logic. See docs/key-management.md for the wire formats and rules.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -46,6 +48,12 @@ DEV_IDENTITY_HEADER = "X-QKDSDN-Dev-Identity"
 RELAY_TIMEOUT_S = 10.0
 EVENT_BUFFER = 10_000
 PERF_PERIOD_S = 1.0
+# After a session is (re)configured here, the other key managers on its route may not be yet (a
+# controller configures them all at once; a re-route changes them one after the other): for this
+# long a hop that does not know the session (409) is asked again, with backoff, instead of the
+# key failing and the route being declared broken.
+CONFIG_SETTLE_S = 3.0
+SETTLE_RETRY_S = 0.05
 PRUNE_PERIOD_S = 60.0
 # A relay message older than this can no longer name a consumed key (its references are
 # rejected as unknown instead of as consumed: refused either way).
@@ -91,15 +99,12 @@ class PeerError(Exception):
         self.status, self.message = status, message
 
 
-class SlaveSessions:
-    """The ETSI 014 sessions this key manager is the destination of, on disk.
+class _RecordFile:
+    """A small JSON file of records by KSID, rewritten atomically (temporary file, fsync,
+    rename) on every change. Key bytes are never in it."""
 
-    Keys stored here for a slave SAE must survive a restart (``kill -9`` included) until that
-    SAE calls dec_keys, but the sessions themselves live in memory. This file keeps what
-    dec_keys needs besides the keys: each session's master and slave SAE and how long its keys
-    may wait unused. At start-up the key_ID -> (ksid, index) map is rebuilt from it and the key
-    store. Written atomically (temporary file, fsync, rename); key bytes are never in it.
-    """
+    REQUIRED: frozenset[str] = frozenset()
+    LOST = "its records are lost"
 
     def __init__(self, path: Path):
         self.path = path
@@ -107,40 +112,35 @@ class SlaveSessions:
         self._records: dict[str, dict[str, Any]] = {}
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            self._records = {k: v for k, v in raw.items()
-                             if isinstance(v, dict) and {"source_sae", "destination_sae", "retain_s"} <= set(v)}
+            self._records = {k: v for k, v in raw.items() if isinstance(v, dict) and self.REQUIRED <= set(v)}
         except FileNotFoundError:
             pass
         except (OSError, ValueError, AttributeError) as exc:
-            log.error("%s is unreadable (%s): keys stored for ETSI 014 slaves before a restart are "
-                      "not deliverable", path, type(exc).__name__)
+            log.error("%s is unreadable (%s): %s", path, type(exc).__name__, self.LOST)
 
     def get(self, ksid: str) -> dict[str, Any] | None:
         with self._lock:
-            return self._records.get(ksid)
+            record = self._records.get(ksid)
+            return dict(record) if record is not None else None
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         with self._lock:
-            return list(self._records.items())
+            return [(k, dict(v)) for k, v in self._records.items()]
 
-    def add(self, ksid: str, source_sae: str, destination_sae: str, retain_s: float) -> None:
-        record = {"source_sae": source_sae, "destination_sae": destination_sae, "retain_s": float(retain_s)}
+    def put(self, ksid: str, record: dict[str, Any]) -> None:
         with self._lock:
-            old = self._records.get(ksid)
-            if old is not None and "group" in old:
-                record["group"] = old["group"]
-            if old == record:
+            if self._records.get(ksid) == record:
                 return
-            self._records[ksid] = record
+            self._records[ksid] = dict(record)
             self._save()
 
-    def set_group(self, ksid: str, group: str) -> None:
-        """The session is a member of an ETSI 014 multicast group: its key_IDs derive from it."""
+    def update(self, ksid: str, **fields: Any) -> None:
+        """Change fields of an existing record (none: nothing happens)."""
         with self._lock:
             record = self._records.get(ksid)
-            if record is None or record.get("group") == group:
+            if record is None or all(record.get(k) == v for k, v in fields.items()):
                 return
-            record["group"] = group
+            record.update(fields)
             self._save()
 
     def remove(self, ksid: str) -> None:
@@ -155,6 +155,44 @@ class SlaveSessions:
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self.path)
+
+
+class SlaveSessions(_RecordFile):
+    """The ETSI 014 sessions this key manager is the destination of, on disk.
+
+    Keys stored here for a slave SAE must survive a restart (``kill -9`` included) until that
+    SAE calls dec_keys, but the sessions themselves live in memory. This file keeps what
+    dec_keys needs besides the keys: each session's master and slave SAE, how long its keys
+    may wait unused and, for a multicast member, its group. At start-up the key_ID ->
+    (ksid, index) map is rebuilt from it and the key store.
+    """
+
+    REQUIRED = frozenset({"source_sae", "destination_sae", "retain_s"})
+    LOST = "keys stored for ETSI 014 slaves before a restart are not deliverable"
+
+    def add(self, ksid: str, source_sae: str, destination_sae: str, retain_s: float) -> None:
+        record = {"source_sae": source_sae, "destination_sae": destination_sae, "retain_s": float(retain_s)}
+        old = self.get(ksid)
+        if old is not None and "group" in old:
+            record["group"] = old["group"]
+        self.put(ksid, record)
+
+    def set_group(self, ksid: str, group: str) -> None:
+        """The session is a member of an ETSI 014 multicast group: its key_IDs derive from it."""
+        self.update(ksid, group=group)
+
+
+class SessionJournal(_RecordFile):
+    """The sessions configured at this key manager, on disk: what the control plane configured
+    (the ETSI 015 qkd_app + VIRT qkd_link, as a SessionConfig), the interface, the QoS the
+    application asked for, the user and the trusted nodes on the route. At start-up the agent
+    configures them again through its datastore, so ETSI 004 sessions and the routes through
+    this node outlive a restart (``kill -9`` included). ETSI 014 endpoints are not in it: the
+    master's session is implicit (the next enc_keys opens one) and the slave's keys have
+    SlaveSessions."""
+
+    REQUIRED = frozenset({"config", "interface"})
+    LOST = "sessions configured before the restart are not restored"
 
 
 class KeyManagerAgent:
@@ -203,9 +241,13 @@ class KeyManagerAgent:
         self._session_group: dict[str, str] = {}  # member session KSID -> its multicast group
         self._group_slaves: dict[str, set[str]] = {}  # multicast group -> its slave SAEs served here
         self._producing: dict[tuple[str, int], concurrent.futures.Future] = {}
+        self._configured_at: dict[str, float] = {}  # KSID -> monotonic time of its last configuration here
+        self._claimed: dict[str, int] = {}  # pool -> link-key bits of productions that have not taken theirs yet
         # ETSI 014 destination sessions on disk; those from before a restart ("orphans": no session
         # in the logic any more) keep their undelivered keys deliverable until their retention ends.
         self.slave_sessions = SlaveSessions(self.state_dir / f"{node}.slave-sessions.json")
+        self.journal = SessionJournal(self.state_dir / f"{node}.sessions.json")
+        self._restoring: dict[str, dict[str, Any]] = {}  # KSID -> journal record, while start() restores it
         self._orphans: dict[str, float] = {}  # ksid -> wall-clock time its keys are dropped
         self._admitting: dict[str, str] = {}  # ksid -> source SAE, from admission request to termination
         self.events: deque[dict] = deque(maxlen=EVENT_BUFFER)
@@ -257,6 +299,7 @@ class KeyManagerAgent:
         tls = None if self.insecure_dev else TLSConfig.for_node(self.pki, self.name)
         self.server = HTTPServer(self.app, self.host, self.port, tls=tls, insecure_dev=self.insecure_dev,
                                  name=f"agent {self.name}", threads=32)
+        self._restore_sessions()  # before the first application call can arrive
         self.server.start()
         self.port = self.server.port
         for worker in self.workers.values():
@@ -401,7 +444,12 @@ class KeyManagerAgent:
             elif isinstance(a, ProduceKey):
                 key = (a.ksid, a.index)
                 if key not in self._producing:
-                    self._producing[key] = self._pool.submit(self._produce, a)
+                    # Its link key counts as spoken for until it is taken: the queue must not hand
+                    # the same material to the next request meanwhile (material_available below).
+                    claim = relay.link_key_bits_needed(a.bits)
+                    with self._lock:
+                        self._claimed[a.pool] = self._claimed.get(a.pool, 0) + claim
+                    self._producing[key] = self._pool.submit(self._produce, a, self._releaser(a.pool, claim))
             elif isinstance(a, FetchFromSource):
                 self._pool.submit(self._fetch, a)
             elif isinstance(a, AnswerPeer):
@@ -459,7 +507,8 @@ class KeyManagerAgent:
                     queue = self.logic.queue(link_id)
                     if queue is not None and len(queue):
                         role = "master" if link.master == self.name else "slave"
-                        actions += self.logic.material_available(link_id, self.store.available_bits(link_id, role),
+                        free = self.store.available_bits(link_id, role) - self._claimed.get(link_id, 0)
+                        actions += self.logic.material_available(link_id, max(free, 0),
                                                                  now)
             self._run(actions)
 
@@ -529,6 +578,11 @@ class KeyManagerAgent:
             result = AdmissionResult(int(Status.NO_QKD_CONNECTION), reason="admission control unreachable")
         if result.hops is not None:
             self._hops[a.ksid] = result.hops
+            self.journal.update(a.ksid, hops=result.hops)
+        if result.status == 0 and isinstance(self.control, LocalControlPlane):
+            route = self.control.sessions().get(a.ksid)
+            if route is not None:  # this node is the session's admission authority
+                self.journal.update(a.ksid, route=route)
         if result.status == int(Status.PEER_NOT_CONNECTED):
             # The peer has not opened yet; the session stays user_accepted (the OPEN_CONNECT call has
             # its answer 1 from the logic at its Timeout) until admission configures it or it times out.
@@ -547,8 +601,11 @@ class KeyManagerAgent:
                 raise ConfigRejected(f"hop {raw} is not a neighbour of {self.name} on a physical link")
         with self._lock:
             existing = self.logic.session(config.ksid)
+        restoring = self._restoring.get(config.ksid)
         if existing is not None:
             interface = existing.interface
+        elif restoring is not None:
+            interface = restoring["interface"]
         elif next_hop is None and prev_hop is not None:
             # A destination that no local OPEN_CONNECT awaits: the slave side of an ETSI 014 pair
             # (admission configures a 004 destination only after its application opened).
@@ -563,10 +620,19 @@ class KeyManagerAgent:
             link_next=self._links[next_hop].qkdl_id if next_hop else None,
             virt_link_id=config.virt_link_id, source_sae=config.source_sae,
             destination_sae=config.destination_sae, interface=interface)
+        qos = QoS.from_json(restoring["qos"]) if restoring is not None and restoring.get("qos") else None
         try:
-            self._call(self.logic.configure, core, self.clock())
+            self._call(self.logic.configure, core, self.clock(), qos=qos)
         except Exception as exc:  # noqa: BLE001 — the logic refuses configurations that do not fit
             raise ConfigRejected(f"configuration refused: {exc}") from None
+        self._configured_at[config.ksid] = time.monotonic()
+        with self._lock:
+            session = self.logic.session(config.ksid)
+        if interface != "014" and session is not None:
+            self.journal.put(config.ksid, {
+                "config": dataclasses.asdict(config), "interface": interface, "qos": session.qos.to_json(),
+                "user": session.user or self._users.get(config.ksid),
+                "hops": self._hops.get(config.ksid, restoring.get("hops") if restoring else None)})
         if interface == "014" and next_hop is None and prev_hop is not None:
             # Before any key of the session can arrive: its keys must stay deliverable across a restart.
             self.slave_sessions.add(config.ksid, config.source_sae, config.destination_sae,
@@ -574,6 +640,39 @@ class KeyManagerAgent:
 
     def deconfigure(self, ksid: str) -> None:
         self._call(self.logic.deconfigure, ksid, self.clock())
+        self.journal.remove(ksid)
+
+    def _restore_sessions(self) -> None:
+        """At start-up: the sessions configured before a restart are configured again, through
+        the datastore (so the ETSI 015 view has them too), with their interface and QoS; an
+        application that lets the key manager choose indices goes on after the last one used.
+        Keys of sessions that nothing here can deliver any more are erased."""
+        restored = 0
+        for ksid, record in self.journal.items():
+            try:
+                wire = WireConfig(**record["config"])
+                app, link = etsi_from_config(wire, self._qkdn[self.name])
+                self._restoring[ksid] = record
+                self.datastore.create(links=[link], apps=[app])
+                used = [info.index for info in self.store.list_session_keys(ksid)]
+                if record.get("hops") is not None:
+                    self._hops[ksid] = int(record["hops"])
+                if record.get("user"):
+                    self._users[ksid] = record["user"]
+                if record.get("route") and isinstance(self.control, LocalControlPlane):
+                    self.control.adopt(ksid, record["route"], record.get("user"))
+                self._call(self.logic.resume, ksid, self.clock(), next_index=max(used) + 1 if used else 0,
+                           user=record.get("user"))
+                restored += 1
+            except Exception as exc:  # noqa: BLE001 — a session that cannot come back is dropped, not fatal
+                log.warning("session %s not restored: %s", ksid, exc)
+                self.journal.remove(ksid)
+            finally:
+                self._restoring.pop(ksid, None)
+        keep = {k for k, _ in self.journal.items()} | {k for k, _ in self.slave_sessions.items()}
+        dropped = self.store.drop_sessions_except(keep)
+        if restored or dropped:
+            log.info("%s: %d session(s) restored, keys of %d ended session(s) erased", self.name, restored, dropped)
 
     def _push_config(self, cfg: RouteConfig) -> None:
         """LocalControlPlane: configure one key manager on a route over its RESTCONF."""
@@ -625,6 +724,8 @@ class KeyManagerAgent:
 
     def _terminated(self, a: Terminate) -> None:
         self._emit_raw("session_terminated", a.ksid, reason=a.reason)
+        self.journal.remove(a.ksid)
+        self._configured_at.pop(a.ksid, None)
         with self._lock:
             session = self.logic.session(a.ksid)
             # A session never configured here is gone from the logic already; its admission knew the source.
@@ -640,13 +741,39 @@ class KeyManagerAgent:
             session = self.logic.session(ksid)
         return "source" if session is None or session.role.value == "source" else "destination"
 
-    def _produce(self, a: ProduceKey) -> None:
+    def _releaser(self, pool: str, bits: int) -> Callable[[], None]:
+        """A one-shot release of ``bits`` claimed on ``pool``."""
+        done = threading.Event()
+
+        def release() -> None:
+            if done.is_set():
+                return
+            done.set()
+            with self._lock:
+                left = self._claimed.get(pool, 0) - bits
+                if left > 0:
+                    self._claimed[pool] = left
+                else:
+                    self._claimed.pop(pool, None)
+        return release
+
+    def _settling(self, ksid: str) -> bool:
+        return time.monotonic() - self._configured_at.get(ksid, -math.inf) < CONFIG_SETTLE_S
+
+    def _produce(self, a: ProduceKey, release: Callable[[], None] = lambda: None) -> None:
         try:
-            outcome = self._produce_once(a)
+            outcome = self._produce_once(a, release)
+            wait = SETTLE_RETRY_S
+            while (outcome[0] == "failed" and len(outcome) > 3 and outcome[3] and self._settling(a.ksid)
+                   and not self._stopping.wait(wait)):
+                self._emit_raw("relay_retry", a.ksid, index=a.index, reason=outcome[2])
+                outcome = self._produce_once(a)
+                wait = min(2 * wait, 0.8)
         except Exception:  # noqa: BLE001
             log.exception("producing key %d of %s failed", a.index, a.ksid)
             outcome = ("failed", int(Status.NO_QKD_CONNECTION), "internal error")
         finally:
+            release()
             self._producing.pop((a.ksid, a.index), None)
         now = self.clock()
         if outcome[0] == "ready":
@@ -660,7 +787,7 @@ class KeyManagerAgent:
                 # 409: a key manager on the route does not carry the session (any more).
                 self._route_broken(a.ksid, outcome[2])
 
-    def _produce_once(self, a: ProduceKey) -> tuple:
+    def _produce_once(self, a: ProduceKey, release: Callable[[], None] = lambda: None) -> tuple:
         link = self._links.get(a.next_hop)
         if link is None:
             return ("failed", int(Status.NO_QKD_CONNECTION), f"{a.next_hop} is not a neighbour")
@@ -690,6 +817,8 @@ class KeyManagerAgent:
             slices = self.store.take(link.qkdl_id, role, needed)
         except InsufficientKey:
             return ("short", needed)
+        finally:
+            release()
         me, dest = self._qkdn[self.name], self._qkdn[dest_app.node] if dest_app else None
         if adjacent:
             msg, payload = relay.seal_deliver(ksid=a.ksid, index=a.index, msg_id=msg_id, link=link.qkdl_id,
@@ -871,14 +1000,24 @@ class KeyManagerAgent:
             self._group_slaves.pop(group, None)
 
     def _fetch(self, a: FetchFromSource) -> None:
-        try:
-            self.peers[a.prev_hop].post("/relay/v1/fetch", {"ksid": a.ksid, "index": a.index})
-        except (PeerError, requests.RequestException) as exc:
-            busy = isinstance(exc, PeerError) and exc.status == 503
-            status = int(Status.INSUFFICIENT_KEY if busy else Status.NO_QKD_CONNECTION)
-            self._call(self.logic.key_failed, a.ksid, a.index, self.clock(), status, f"fetch failed: {exc}")
-            if isinstance(exc, PeerError) and exc.status == 409:
-                self._route_broken(a.ksid, exc.message)
+        wait = SETTLE_RETRY_S
+        while True:
+            try:
+                self.peers[a.prev_hop].post("/relay/v1/fetch", {"ksid": a.ksid, "index": a.index})
+                return
+            except PeerError as exc:
+                if exc.status == 409 and self._settling(a.ksid) and not self._stopping.wait(wait):
+                    wait = min(2 * wait, 0.8)  # a hop towards the source is not configured yet
+                    continue
+                failure: Exception = exc
+            except requests.RequestException as exc:
+                failure = exc
+            break
+        busy = isinstance(failure, PeerError) and failure.status == 503
+        status = int(Status.INSUFFICIENT_KEY if busy else Status.NO_QKD_CONNECTION)
+        self._call(self.logic.key_failed, a.ksid, a.index, self.clock(), status, f"fetch failed: {failure}")
+        if isinstance(failure, PeerError) and failure.status == 409:
+            self._route_broken(a.ksid, failure.message)
 
     def _answer_peer(self, a: AnswerPeer) -> None:
         with self._lock:

@@ -212,3 +212,37 @@ def test_relay_messages_never_carry_link_key_bytes(net):
     assert post(net, "N0", "N1", "deliver", msg.to_dict()).status_code == 200
     for node in ("N0", "N1"):
         assert net.client(f"SAE-{node}").close(ksid) == 0
+
+
+def test_a_trusted_node_configured_late_is_asked_again_not_declared_broken(net):
+    """A controller configures the key managers of a route in any order (at set-up, on a
+    re-route): the source may send a key before a trusted node knows the session. Within a
+    short settling time after its own configuration, the source asks again instead of failing
+    the key and tearing the route down."""
+    from etsi015.restconf import RestconfClient
+    from etsi015.session import virt_link_id
+
+    ksid = open_pair(net, "SAE-N1", "SAE-N4")
+    src, dst = net.client("SAE-N1"), net.client("SAE-N4")
+    first = src.get_key(ksid)
+    assert first.status == 0 and dst.get_key(ksid, index=first.index).key == first.key
+    http = net.session("controller")
+    trusted = RestconfClient(net.url("N2"), session=http)
+    app, link = trusted.get_application(ksid), trusted.get_link(virt_link_id(ksid))
+    trusted.delete_application(ksid)
+    trusted.delete_link(virt_link_id(ksid))
+    # The source is configured again now (as on a re-route); N2 only a moment later.
+    source = RestconfClient(net.url("N1"), session=http)
+    assert source.put_application(source.get_application(ksid)) is False
+    late = threading.Timer(0.4, lambda: (trusted.post_link(link), trusted.post_application(app)))
+    late.start()
+    try:
+        key = src.get_key(ksid)
+    finally:
+        late.join()
+    assert key.status == 0, key
+    assert dst.get_key(ksid, index=key.index).key == key.key
+    events = list(net.agents["N1"].events)
+    assert [e for e in events if e["kind"] == "relay_retry" and e["ksid"] == ksid]
+    assert not [e for e in events if e["kind"] in ("route_broken", "session_terminated") and e["ksid"] == ksid]
+    assert (src.close(ksid), dst.close(ksid)) == (0, 0)

@@ -26,7 +26,7 @@ import requests
 
 from agent_harness import Network, relocate
 from agents import relay
-from agents.client import ETSI014Error, QoS
+from agents.client import ETSI004Error, ETSI014Error, QoS
 from agents.keystore import KeyStore
 
 NETWORK = """\
@@ -280,3 +280,71 @@ def enc_after_restart(client, slave: str, attempts: int = 3) -> list[tuple[str, 
             if exc.status != 503 or attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def open_pair(source, destination, src_sae: str, dst_sae: str) -> str:
+    """Both applications of an ETSI 004 session open it at once; returns its KSID."""
+    ksid = str(uuid.uuid4())
+    opened: dict[str, int] = {}
+
+    def run(client, sae) -> None:
+        opened[sae] = client.open_connect(src_sae, dst_sae, QoS(Key_chunk_size=32, Timeout=15_000), ksid).status
+
+    threads = [threading.Thread(target=run, args=(c, s)) for c, s in ((source, src_sae), (destination, dst_sae))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert opened == {src_sae: 0, dst_sae: 0}
+    return ksid
+
+
+def test_etsi004_sessions_survive_a_kill_9_of_an_endpoint_and_of_a_trusted_node(net, tmp_path):
+    """R1 is the destination of R0 -> R1, the source of R1 -> R2 and the trusted node of
+    R0 -> R2. After its kill -9 and restart every session goes on under its KSID: keys stored
+    before are delivered once, automatic indices continue after the last one handed out, both
+    ends get identical keys, and R1's RESTCONF shows the sessions again."""
+    r1 = AgentProcess(net, "R1", tmp_path / "R1-process")
+    try:
+        r1.start()
+        r0_r1, r1_r2 = net.link("R0", "R1").qkdl_id, net.link("R1", "R2").qkdl_id
+        wait_until(lambda: net.agents["R0"].store.available_bits(r0_r1) >= 16384
+                   and net.agents["R2"].store.available_bits(r1_r2) >= 16384, "the pools to fill")
+        a0, a1, a2 = (net.client(s) for s in ("SAE-R0", "SAE-R1", "SAE-R2"))
+        to_r1, from_r1, through = open_pair(a0, a1, "SAE-R0", "SAE-R1"), open_pair(a1, a2, "SAE-R1", "SAE-R2"), \
+            open_pair(a0, a2, "SAE-R0", "SAE-R2")
+        before = {ksid: [src.get_key(ksid) for _ in range(3)]
+                  for ksid, src in ((to_r1, a0), (from_r1, a1), (through, a0))}
+        assert all(k.status == 0 for keys in before.values() for k in keys)
+        assert a1.get_key(to_r1, index=0).key == before[to_r1][0].key  # R1 delivers one before the kill
+        assert [a2.get_key(from_r1, index=i).key for i in range(3)] == [k.key for k in before[from_r1]]
+
+        r1.kill()
+        r1.start()
+        http = net.session("controller")
+        apps = http.get(net.url("R1") + "/restconf/data/etsi-qkd-sdn-node:qkd_node/qkd_applications",
+                        timeout=10).json()["etsi-qkd-sdn-node:qkd_applications"]["qkd_app"]
+        assert {to_r1, from_r1, through} <= {a["app_id"] for a in apps}
+
+        # R1 as destination: the keys stored before are there once; the next automatic index follows.
+        assert [a1.get_key(to_r1, index=i).key for i in (1, 2)] == [k.key for k in before[to_r1][1:]]
+        with pytest.raises(ETSI004Error) as again:
+            a1.get_key(to_r1, index=0)
+        assert again.value.status == 409
+        later = a0.get_key(to_r1)
+        assert later.status == 0 and later.index == 3 and a1.get_key(to_r1).key == later.key
+        # R1 as source: its application goes on where it was, the peer gets the same keys.
+        nxt = a1.get_key(from_r1)
+        assert nxt.status == 0 and nxt.index == 3 and a2.get_key(from_r1, index=3).key == nxt.key
+        # R1 as trusted node: relaying goes on.
+        relayed = a0.get_key(through)
+        assert relayed.status == 0 and relayed.index == 3 and a2.get_key(through, index=3).key == relayed.key
+        assert [a2.get_key(through, index=i).key for i in range(3)] == [k.key for k in before[through]]
+        for name in ("R0", "R2"):
+            assert not [e for e in net.agents[name].events
+                        if e["kind"] in ("route_broken", "relay_rejected") and e["ksid"] in (to_r1, from_r1, through)]
+        # Closing releases the route everywhere, R1's restored sessions included.
+        for ksid, src, dst in ((to_r1, a0, a1), (from_r1, a1, a2), (through, a0, a2)):
+            assert (src.close(ksid), dst.close(ksid)) == (0, 0)
+    finally:
+        r1.stop()

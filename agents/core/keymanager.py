@@ -764,14 +764,16 @@ class KeyManagerLogic:
         acts += self._wind_down(slot, now)
         return acts
 
-    def configure(self, config: SessionConfig, now: float) -> list[Action]:
+    def configure(self, config: SessionConfig, now: float, *, qos: QoS | None = None) -> list[Action]:
         """The control plane's configuration (first one or a re-route). Raises ConfigError /
-        InvalidTransition, without any change, for one that does not fit the session."""
+        InvalidTransition, without any change, for one that does not fit the session.
+        ``qos``: the QoS of a session this key manager learns from the configuration alone
+        (default: the key manager's defaults), e.g. one restored after a restart."""
         ksid = config.ksid
         entry = config.forwarding_entry()
         slot = self._slots.get(ksid)
         if slot is None:
-            qos = self.default_qos.replace(Priority=config.priority)
+            qos = (qos or self.default_qos).with_defaults(self.default_qos).replace(Priority=config.priority)
             session, events = KMSession.from_config(config, now, qos=qos)
             slot = self._slots[ksid] = _Slot(session)
             if session.interface == "014" and session.role is Role.SOURCE:
@@ -805,6 +807,22 @@ class KeyManagerLogic:
             else:
                 acts += self._start_enc(slot, call, now)
         return acts
+
+    def resume(self, ksid: str, now: float, *, next_index: int, user: str | None) -> list[Action]:
+        """A session restored after a restart (configured again from the key manager's saved
+        configuration): indices below ``next_index`` were handed out before, so an application
+        that lets the key manager choose gets the next one; ``user`` is who access control
+        accepted then."""
+        ksid = _canon(ksid)
+        slot = self._slots.get(ksid)
+        if slot is None or not slot.session.is_live:
+            return []
+        if isinstance(next_index, bool) or not isinstance(next_index, int) or next_index < 0:
+            raise ValueError("next_index must be an integer >= 0")
+        slot.next_index = max(slot.next_index, next_index)
+        if user and slot.session.user is None:
+            slot.session.user = user
+        return [self._ev(now, "session_restored", ksid, role=slot.session.role.value, next_index=slot.next_index)]
 
     def deconfigure(self, ksid: str, now: float, *, peer_closed: bool = False) -> list[Action]:
         """Deletion from the control plane. ``peer_closed``: the peer application closed."""
