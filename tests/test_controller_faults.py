@@ -349,8 +349,9 @@ def test_reservations_never_exceed_a_links_key_rate(kind, tmp_path):
             reserved = routing.link(n).reserved_bps
             assert reserved == pytest.approx(db_links[n].reserved_bps)
             # The capacity is the monitored (smoothed) key rate, which moves slowly while the
-            # set-ups run: every reservation was made within a value between these two.
-            assert reserved <= max(capacity_before[n], capacity_after[n]) + 1e-6, (n, reserved, capacity_before,
+            # set-ups run: every reservation was made within the value of that moment, which
+            # may lie a little above both ends of the run (1 % of the rate's own noise).
+            assert reserved <= 1.01 * max(capacity_before[n], capacity_after[n]), (n, reserved, capacity_before,
                                                                                   capacity_after)
         with chain.controller.services.session_factory() as s:
             rows = list(s.scalars(select(dbm.Session).where(dbm.Session.interface == "014")))
