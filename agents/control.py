@@ -209,6 +209,11 @@ class LocalControlPlane:
             if other is not None and (other.source_sae, other.destination_sae, other.interface) != (
                     request.source_sae, request.destination_sae, request.interface):
                 return AdmissionResult(KSID_IN_USE, reason="Key_stream_ID already in use by other applications")
+            mine, theirs = request.qos.get("Key_chunk_size"), (other.qos.get("Key_chunk_size") if other else None)
+            if mine and theirs and mine != theirs:
+                # Both ends index one key stream: the peer's chunk size is the counter-proposal.
+                return AdmissionResult(QOS_NOT_MET, qos=dict(request.qos, Key_chunk_size=theirs),
+                                       reason=f"Key_chunk_size {mine} differs from the peer's {theirs}")
             pair[role] = request
             self._pending_since.setdefault(request.ksid, self._clock())
             complete = request.interface == "014" or len(pair) == 2

@@ -219,7 +219,8 @@ class KeyManagerAgent:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = KeyStore(self.state_dir / f"{node}.keystore.sqlite", pool_max_bits=pool_max_bits)
-        self.logic = KeyManagerLogic(node, max_additional_slaves=max_sae_id_count)
+        self.logic = KeyManagerLogic(node, max_additional_slaves=max_sae_id_count,
+                                     max_chunk_bytes=relay.MAX_KEY_BYTES)
         self._lock = threading.RLock()
         self._calls: dict[str, _Pending] = {}
         self._wake = threading.Event()

@@ -436,6 +436,26 @@ def test_004_qos_beyond_the_sla_status_7_with_a_counter_proposal(net):
     assert (src.close(ksid), net.client("SAE-KM1").close(ksid)) == (0, 0)
 
 
+def test_004_peers_with_different_key_chunk_sizes_get_status_7_with_the_peers_size(net):
+    ksid = str(uuid.uuid4())
+    src, dst = net.client("SAE-KM0"), net.client("SAE-KM1")
+    waiting = {}
+    peer = threading.Thread(target=lambda: waiting.setdefault(
+        "b", dst.open_connect("SAE-KM0", "SAE-KM1", QoS(Key_chunk_size=32, Timeout=15_000), ksid)))
+    peer.start()
+    deadline = time.monotonic() + 15
+    while ksid not in net.agents["KM0"].control._pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    other = src.open_connect("SAE-KM0", "SAE-KM1", QoS(Key_chunk_size=64, Timeout=5000), ksid)
+    assert other.status == Status.QOS_NOT_MET and other.qos.Key_chunk_size == 32
+    agreed = src.open_connect("SAE-KM0", "SAE-KM1", other.qos, ksid)  # the counter-proposal as it is
+    peer.join(timeout=30)
+    assert agreed.status == 0 and waiting["b"].status == 0
+    key = src.get_key(ksid)
+    assert len(key.key) == 32 and dst.get_key(ksid, index=key.index).key == key.key
+    assert (src.close(ksid), dst.close(ksid)) == (0, 0)
+
+
 def test_004_metadata_buffer_too_small_status_8(net):
     ksid, a, b = open_pair(net, "SAE-KM0", "SAE-KM1", QOS)
     assert (a.status, b.status) == (0, 0)

@@ -136,6 +136,7 @@ def test_predefined_ksid_configured_before_the_application_opens():
     (QoS(Metadata_mimetype="application/xml"), "Metadata_mimetype", "application/json"),
     (QoS(Min_bps=500, Max_bps=100), "Min_bps", 100),
     (QoS(Key_chunk_size=0), "Key_chunk_size", 32),
+    (QoS(Key_chunk_size=8193), "Key_chunk_size", 8192),
 ])
 def test_qos_counter_proposal(qos, field, proposed):
     reply = logic().open_connect(A, B, qos, K1, A, 0.0).answer

@@ -350,7 +350,7 @@ class KeyManagerLogic:
     def __init__(self, node_id: str, *, default_qos: QoS = DEFAULT_QOS, queue_max_len: int = 256,
                  setup_timeout_s: float = 300.0, etsi014_timeout_s: float = 10.0,
                  max_keys_per_request: int = 128, new_ksid: Callable[[], str] | None = None,
-                 max_additional_slaves: int = 16):
+                 max_additional_slaves: int = 16, max_chunk_bytes: int = 8192):
         if not isinstance(node_id, str) or not node_id:
             raise ValueError("node_id must be a non-empty string")
         if not setup_timeout_s > 0 or not etsi014_timeout_s > 0 or max_keys_per_request < 1:
@@ -365,6 +365,7 @@ class KeyManagerLogic:
         self.etsi014_timeout_s = etsi014_timeout_s
         self.max_keys_per_request = max_keys_per_request
         self.max_additional_slaves = max_additional_slaves  # ETSI 014 max_SAE_ID_count
+        self.max_chunk_bytes = max_chunk_bytes  # the largest key the relay carries
         self._new_ksid = new_ksid or (lambda: str(uuid.uuid4()))
         self.forwarding = ForwardingTable()
         self._slots: dict[str, _Slot] = {}
@@ -1002,6 +1003,8 @@ class KeyManagerLogic:
             changes["Metadata_mimetype"] = JSON_MIMETYPE
         if q.Key_chunk_size == 0:
             changes["Key_chunk_size"] = self.default_qos.Key_chunk_size
+        elif q.Key_chunk_size is not None and q.Key_chunk_size > self.max_chunk_bytes:
+            changes["Key_chunk_size"] = self.max_chunk_bytes
         if q.Max_bps is not None and q.Min_bps is not None and q.Min_bps > q.Max_bps:
             changes["Min_bps"] = q.Max_bps
         return q.replace(**changes) if changes else None
