@@ -335,7 +335,10 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
             metadata = metadata_json(int(max(time.time() - stored_at, 0) * 1000), hops)
             out = {"status": 0, "Key_stream_ID": answer.ksid, "index": index,
                    "Key_buffer": base64.b64encode(data).decode()}
-            if body.get("Metadata_size"):
+            with km._lock:
+                qos = km.logic.offered_qos(answer.ksid)
+            # Metadata for a session that asked for it (its Metadata_mimetype), into a buffer it gave.
+            if body.get("Metadata_size") and (qos is None or qos.wants_metadata):
                 out["Metadata"] = {"Metadata_size": len(metadata.encode()), "Metadata_buffer": metadata,
                                    "Metadata_mimetype": "application/json"}
             return _json(out)

@@ -468,6 +468,16 @@ def test_004_metadata_buffer_too_small_status_8(net):
     assert (src.close(ksid), net.client("SAE-KM1").close(ksid)) == (0, 0)
 
 
+def test_004_no_metadata_for_a_session_that_wants_none(net):
+    ksid, a, b = open_pair(net, "SAE-KM0", "SAE-KM1", QoS(Key_chunk_size=32, Timeout=10_000, Metadata_mimetype=""))
+    assert (a.status, b.status) == (0, 0) and a.qos.Metadata_mimetype == ""
+    src, dst = net.client("SAE-KM0"), net.client("SAE-KM1")
+    key = src.get_key(ksid, metadata_size=4)  # no size check either
+    assert key.status == 0 and key.metadata is None
+    assert dst.get_key(ksid, index=key.index, metadata_size=METADATA_MAX_SIZE).metadata is None
+    assert (src.close(ksid), dst.close(ksid)) == (0, 0)
+
+
 def test_004_calls_that_are_not_understood_are_http_errors(net):
     src = net.client("SAE-KM0")
     with pytest.raises(ETSI004Error) as err:
