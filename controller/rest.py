@@ -86,8 +86,8 @@ RECENT_EVENTS = 50
 # Bounds of the integer columns the API writes (db/models.py): ETSI uint32 values (priorities,
 # rates, bucket sizes) sit in BIGINT columns and take the whole uint32 range; a plain INTEGER
 # column (int32 on PostgreSQL: SLA max_sessions) stops at 2^31 - 1.
-UINT32_MAX = 2**32 - 1
-INT32_MAX = 2**31 - 1
+UINT32_MAX = netfile.UINT32_MAX
+INT32_MAX = netfile.INT32_MAX
 TOKEN_MIN_LENGTH = 16
 TOKEN_MAX_LENGTH = 1024
 SESSION_STATES = tuple(s.value for s in m.SessionState)
@@ -553,16 +553,11 @@ def _clean_text(value: str) -> str | None:
     return None
 
 
-def _int_range(lo: int, hi: int, note: str = "") -> Callable[[int], str | None]:
-    def check(v: int) -> str | None:
-        return None if lo <= v <= hi else f"must be between {lo} and {hi}{note}, got {v}"
-    return check
-
-
-# ETSI priorities, rates and bucket sizes are uint32 (BIGINT columns); max_sessions is an INTEGER column.
-_priority = _int_range(0, UINT32_MAX, " (uint32)")
-_positive_uint32 = _int_range(1, UINT32_MAX, " (uint32)")
-_positive_int32 = _int_range(1, INT32_MAX)
+# ETSI priorities, rates and bucket sizes are uint32 (BIGINT columns); max_sessions is an INTEGER
+# column: the network file's own checks, so a file and the API accept the same values.
+_priority = netfile.uint32
+_positive_uint32 = netfile.positive_uint32
+_positive_int32 = netfile.positive_int32
 
 
 def _token_check(v: str) -> str | None:

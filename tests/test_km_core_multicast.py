@@ -13,18 +13,9 @@ import pytest
 from agents.core.keymanager import (DeliverKey, KeyManagerLogic, NeedAdmission, NeedAuthentication, ProduceKey,
                                     PurgeKeys, Reject, Reply, Terminate, Wait)
 from agents.core.session import SessionConfig, Status
+from test_km_core_keymanager import answers, of
 
 A, B, C, D = "sae-A", "sae-B", "sae-C", "sae-D"
-
-
-def of(actions, kind):
-    if hasattr(actions, "actions"):
-        actions = actions.actions
-    return [a for a in actions if isinstance(a, kind)]
-
-
-def answers(actions, call_id):
-    return [a for a in actions if isinstance(a, (Reply, Reject, DeliverKey)) and a.call_id == call_id]
 
 
 def logic(**kw):
