@@ -88,7 +88,13 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
             if data is None:
                 return _error(503, "key not available")
             out.append((index, data))
-            km.node_state.record_consumption(answer.ksid, 8 * len(data)) if _known_app(answer.ksid) else None
+        # Statistics of the ETSI 015 application(s): a multicast key counts for every member session.
+        with km._lock:
+            apps = list(km.logic.group_members(answer.ksid).values()) or [answer.ksid]
+        bits = sum(8 * len(data) for _, data in out)
+        for app_id in apps:
+            if _known_app(app_id):
+                km.node_state.record_consumption(app_id, bits)
         return out
 
     def _known_app(ksid: str) -> bool:

@@ -213,6 +213,12 @@ def test_014_multicast_every_slave_gets_the_same_keys_once(net, spec):
     made = keys_of(master.enc("SAE-KM0", {"number": 3, "size": 512,
                                           "additional_slave_SAE_IDs": ["SAE-KM4", "SAE-KM5"]}))
     assert len(made) == 3 and all(len(k) == 64 for k in made.values())
+    # ETSI 015 at the master's node: one qkd_app per slave, each accounting the keys handed out.
+    apps = net.session("controller").get(net.url("KM1") + "/restconf/data/etsi-qkd-sdn-node:qkd_node/"
+                                         "qkd_applications", timeout=30).json()[
+        "etsi-qkd-sdn-node:qkd_applications"]["qkd_app"]
+    (to_km4,) = [a for a in apps if a["server_app_id"] == "SAE-KM1" and a["client_app_id"] == ["SAE-KM4"]]
+    assert sum(int(s["consumed_bits"]) for s in to_km4["app_statistics"]["statistics"]) == 3 * 512
     ids = list(made)
     for slave in ("SAE-KM0", "SAE-KM4", "SAE-KM5"):
         api = Api014(net, spec, slave)
