@@ -53,6 +53,7 @@ PERF_PERIOD_S = 1.0
 # long a hop that does not know the session (409) is asked again, with backoff, instead of the
 # key failing and the route being declared broken.
 CONFIG_SETTLE_S = 3.0
+FULL_POOL_SHARE = 0.9  # a pool this full takes key in fits and starts: its arrival rate is no key rate
 SETTLE_RETRY_S = 0.05
 PRUNE_PERIOD_S = 60.0
 # A relay message older than this can no longer name a consumed key (its references are
@@ -64,6 +65,21 @@ class Caller:
     kind: str  # sae | node | controller | operator
     name: str
     fingerprint: str | None = None
+
+
+def link_key_rate(measured_bps: float, device_bps: float | None, pool_bits: int, pool_max_bits: int,
+                  held_bps: float) -> float:
+    """The key rate of a link as this end reports it (ETSI 015 skr, the routing's capacity).
+
+    The device's own figure when it gives one. Else the rate key arrives in the pool, except
+    while the pool is (nearly) full: a full pool takes no key, so arrival then says nothing
+    about the link, and the rate measured while it was filling (``held_bps``) stands.
+    """
+    if device_bps is not None and device_bps >= 0:
+        return float(device_bps)
+    if pool_bits >= FULL_POOL_SHARE * pool_max_bits:
+        return max(measured_bps, held_bps)
+    return measured_bps
 
 
 class _Pending:
@@ -243,7 +259,8 @@ class KeyManagerAgent:
         self._group_slaves: dict[str, set[str]] = {}  # multicast group -> its slave SAEs served here
         self._producing: dict[tuple[str, int], concurrent.futures.Future] = {}
         self._configured_at: dict[str, float] = {}  # KSID -> monotonic time of its last configuration here
-        self._claimed: dict[str, int] = {}  # pool -> link-key bits of productions that have not taken theirs yet
+        self._claimed: dict[str, int] = {}
+        self._skr_held: dict[str, float] = {}  # link -> key rate reported last (held while the pool is full)  # pool -> link-key bits of productions that have not taken theirs yet
         # ETSI 014 destination sessions on disk; those from before a restart ("orphans": no session
         # in the logic any more) keep their undelivered keys deliverable until their retention ends.
         self.slave_sessions = SlaveSessions(self.state_dir / f"{node}.slave-sessions.json")
@@ -527,19 +544,22 @@ class KeyManagerAgent:
                     log.exception("pruning consumed link keys failed")
             for link_id, worker in self.workers.items():
                 try:
-                    skr = worker.arrival_rate_bps()
-                    # The device's own view (QBER, a cut fibre) when it reports one (the twin's
-                    # status extension); the link-key worker asks for the status only when it
-                    # needs key, so a full pool would hide a cut or an eavesdropper.
-                    qber, device_state = None, None
+                    measured = worker.arrival_rate_bps()
+                    # The device's own view (QBER, key rate, a cut fibre) when it reports one (the
+                    # twin's status extension); the link-key worker asks for the status only when
+                    # it needs key, so a full pool would hide a cut or an eavesdropper.
+                    qber, device_state, device_skr = None, None, None
                     if worker.role == "master":
                         try:
                             device = worker.device.get_status()
-                            qber, device_state = device.qber, device.link_state
+                            qber, device_state, device_skr = device.qber, device.link_state, device.skr_bps
                         except Exception as exc:  # noqa: BLE001 - no device status: key arrival decides
                             log.debug("status of the device of %s unavailable: %s", link_id, exc)
                     if qber is not None and not 0 <= qber <= 1:
                         qber = None
+                    skr = self._skr_held[link_id] = link_key_rate(
+                        measured, device_skr, self.store.pool_bits(link_id), self.store.pool_max_bits,
+                        self._skr_held.get(link_id, 0.0))
                     self.node_state.set_link_performance(link_id, skr=skr, qber=qber)
                     if device_state == "cut":
                         status = e015.LinkStatus.OFF
