@@ -136,6 +136,22 @@ Remover = Callable[[str, str], None]  # (node, ksid)
 Forwarder = Callable[[str, str, dict], dict]  # (node, path, body) -> answer body
 
 
+def physical_graph(network: Network) -> nx.Graph:
+    """The network file's nodes and physical links."""
+    graph = nx.Graph()
+    graph.add_nodes_from(n.name for n in network.nodes)
+    graph.add_edges_from(link.ends for link in network.links)
+    return graph
+
+
+def shortest_route(graph: nx.Graph, src_node: str, dst_node: str) -> list[str] | None:
+    """The shortest path of nodes from ``src_node`` to ``dst_node`` (None: no path)."""
+    try:
+        return nx.shortest_path(graph, src_node, dst_node)
+    except (nx.NetworkXNoPath, nx.NodeNotFound):
+        return None
+
+
 class LocalControlPlane:
     """Access and admission control from the network file, run inside the agents (see module doc)."""
 
@@ -146,9 +162,7 @@ class LocalControlPlane:
         self._push, self._remove, self._forward, self._clock = push, remove, forward, clock
         self._apps = {a.sae_id: a for a in network.applications}
         self._users = {u.name: u for u in network.users}
-        self._graph = nx.Graph()
-        self._graph.add_nodes_from(n.name for n in network.nodes)
-        self._graph.add_edges_from(link.ends for link in network.links)
+        self._graph = physical_graph(network)
         self._cond = threading.Condition()
         self._pending: dict[str, dict[str, AdmissionRequest]] = {}  # ksid -> role -> request
         self._pending_since: dict[str, float] = {}  # ksid -> when its first half arrived
@@ -284,10 +298,7 @@ class LocalControlPlane:
         return None
 
     def route(self, src_node: str, dst_node: str) -> list[str] | None:
-        try:
-            return nx.shortest_path(self._graph, src_node, dst_node)
-        except (nx.NetworkXNoPath, nx.NodeNotFound):
-            return None
+        return shortest_route(self._graph, src_node, dst_node)
 
     def _establish(self, request: AdmissionRequest, pair: dict[str, AdmissionRequest]) -> AdmissionResult:
         src_node = self._apps[request.source_sae].node

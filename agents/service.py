@@ -28,7 +28,8 @@ import requests
 from flask import Flask
 
 from agents import relay
-from agents.control import (AdmissionRequest, AdmissionResult, ControlPlane, LocalControlPlane, RouteConfig)
+from agents.control import (AdmissionRequest, AdmissionResult, ControlPlane, LocalControlPlane, RouteConfig,
+                            physical_graph, shortest_route)
 from agents.core.keymanager import (AnswerPeer, DeliverKey, EmitEvent, FetchFromSource, KeyManagerLogic,
                                     NeedAdmission, NeedAuthentication, ProduceKey, PurgeKeys, Reject, Reply,
                                     SignalKeyRequest, Terminate, Wait, key_id_for)
@@ -251,6 +252,7 @@ class KeyManagerAgent:
             other = link.slave if link.master == node else link.master
             self._links[other] = link
         self._links_by_id = {link.qkdl_id: link for link in self._links.values()}
+        self._graph = physical_graph(network)  # for ETSI 014 status before a route is configured
         self._key_meta: dict[tuple[str, int], tuple[float, int]] = {}  # (ksid, index) -> (stored at, hops)
         self._key_ids: dict[str, tuple[str, int]] = {}  # ETSI 014 key_ID -> (ksid, index)
         # Multicast: one key_ID names a copy per member session; two slaves on this node each have one.
@@ -259,8 +261,8 @@ class KeyManagerAgent:
         self._group_slaves: dict[str, set[str]] = {}  # multicast group -> its slave SAEs served here
         self._producing: dict[tuple[str, int], concurrent.futures.Future] = {}
         self._configured_at: dict[str, float] = {}  # KSID -> monotonic time of its last configuration here
-        self._claimed: dict[str, int] = {}
-        self._skr_held: dict[str, float] = {}  # link -> key rate reported last (held while the pool is full)  # pool -> link-key bits of productions that have not taken theirs yet
+        self._claimed: dict[str, int] = {}  # pool -> link-key bits of productions that have not taken theirs yet
+        self._skr_held: dict[str, float] = {}  # link -> key rate reported last (held while the pool is full)
         # ETSI 014 destination sessions on disk; those from before a restart ("orphans": no session
         # in the logic any more) keep their undelivered keys deliverable until their retention ends.
         self.slave_sessions = SlaveSessions(self.state_dir / f"{node}.slave-sessions.json")
@@ -960,29 +962,10 @@ class KeyManagerAgent:
             hops = self._hops.get(ksid) if ksid is not None else None
         if entry is not None and entry.next_hop is not None and hops is not None:
             return entry.next_hop, hops
-        if isinstance(self.control, LocalControlPlane):
-            route = self.control.route(self.name, slave_node)
-        else:
-            import networkx as nx
-
-            try:
-                route = nx.shortest_path(self._topology, self.name, slave_node)
-            except (nx.NetworkXNoPath, nx.NodeNotFound):
-                route = None
+        route = shortest_route(self._graph, self.name, slave_node)
         if not route or len(route) < 2:
             return (entry.next_hop if entry is not None else None), None
         return (entry.next_hop if entry is not None and entry.next_hop else route[1]), len(route) - 2
-
-    @property
-    def _topology(self):
-        if not hasattr(self, "_graph"):
-            import networkx as nx
-
-            graph = nx.Graph()
-            graph.add_nodes_from(n.name for n in self.network.nodes)
-            graph.add_edges_from(link.ends for link in self.network.links)
-            self._graph = graph
-        return self._graph
 
     def key_id_of(self, ksid: str, index: int) -> str:
         """The ETSI 014 key_ID of key ``index`` of a session (of its group for a multicast member)."""

@@ -363,7 +363,8 @@ def test_004_round_trip_status_0(net):
 def test_004_peer_that_opens_late_status_1_then_3_then_0(net):
     src, dst = net.client("SAE-KM0"), net.client("SAE-KM1")
     ksid = str(uuid.uuid4())
-    alone = src.open_connect("SAE-KM0", "SAE-KM1", QoS(Key_chunk_size=32, Timeout=300), ksid)
+    # Its Timeout also bounds the session's GET_KEY calls below: short, not too short for a busy machine.
+    alone = src.open_connect("SAE-KM0", "SAE-KM1", QoS(Key_chunk_size=32, Timeout=1500), ksid)
     assert alone.status == Status.PEER_NOT_CONNECTED and alone.key_stream_id == ksid
     early = src.get_key(ksid, index=0)
     assert early.status == Status.PEER_NOT_YET_CONNECTED
