@@ -20,7 +20,7 @@ from agents import relay
 from agents.control import AdmissionRequest, LocalControlPlane
 from agents.core.keymanager import DeliverKey, Reject, Reply, Wait, key_id_for, metadata_json
 from agents.core.session import SETUP_STATES, QoS, Status
-from agents.keystore import AlreadyDelivered, InsufficientKey, KeyRefError, SessionKeyConflict
+from agents.keystore import AlreadyDelivered, InsufficientKey, KeyRefError, ReplayedMessage, SessionKeyConflict
 from agents.linkkeys import LinkKeyProtocolError
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
         # All or nothing: the keys are checked, then read, with no other dec_keys in between, so a
         # request naming one key already delivered consumes none of the others.
         with dec_lock:
-            held = {info.index: info for info in km.store.list_session_keys(ksid)}
+            held = km.store.session_key_infos(ksid, indices)
             have = all(i in held and held[i].state != "unconfirmed" and "destination" in held[i].sides
                        and "destination" not in held[i].delivered for i in indices)
             now = km.clock()
@@ -234,7 +234,7 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
         if record["destination_sae"] != slave:
             return _error(401, "")
         with dec_lock:
-            held = {info.index: info for info in km.store.list_session_keys(ksid)}
+            held = km.store.session_key_infos(ksid, indices)
             if not all(i in held and held[i].state != "unconfirmed" and "destination" not in held[i].delivered
                        for i in indices):
                 return _error(400, KEYS_NOT_FOUND)
@@ -304,9 +304,10 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
         now = km.clock()
 
         def have_key(index: int) -> bool:
-            return any(info.index == index and info.state != "unconfirmed"
-                       and side_of(ksid) not in info.delivered for info in km.store.list_session_keys(ksid)) \
-                if isinstance(ksid, str) else False
+            if not isinstance(ksid, str):
+                return False
+            info = km.store.session_key_info(ksid, index)
+            return info is not None and info.state != "unconfirmed" and side_of(ksid) not in info.delivered
 
         index = body.get("index")
         if isinstance(ksid, str) and isinstance(index, int) and not isinstance(index, bool):
@@ -314,8 +315,8 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
                 session = km.logic.session(ksid)
             if session is not None and session.local_sae == caller and session.interface == "004":
                 side = km._side(session.ksid)
-                if any(info.index == index and side in info.delivered
-                       for info in km.store.list_session_keys(session.ksid)):
+                info = km.store.session_key_info(session.ksid, index)
+                if info is not None and side in info.delivered:
                     # Answered here: the logic would ask for the key again (the source, or the
                     # destination through the source) and the call would wait for its Timeout.
                     return _error(409, f"key index {index} of this Key_stream_ID was already delivered")
@@ -437,16 +438,18 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
         # The tag is checked and the named link key consumed before the session is looked up: the
         # sender spent those bytes when it sent an authentic message, so this end discards them too
         # even when it cannot take the message (no such session here any more, e.g. after a restart)
-        # and both ends of the link stay in step. A forged or altered message consumes nothing.
+        # and both ends of the link stay in step. A forged, altered or replayed message consumes
+        # nothing: tag check, msg_id record and consumption are one transaction.
         opened: list[relay.RelayPayload] = []
         try:
-            km.store.consume_refs(msg.link, msg.consumed_refs(), verify=lambda d: opened.append(open_fn(msg, d)))
+            km.store.consume_refs(msg.link, msg.consumed_refs(), verify=lambda d: opened.append(open_fn(msg, d)),
+                                  msg_id=msg.msg_id, now=time.time())
         except relay.RelayAuthError:
             return rejected(kind, 400, "authentication tag does not verify", msg.ksid, link=msg.link)
+        except ReplayedMessage:
+            return rejected(kind, 400, "replayed message", msg.ksid, link=msg.link)
         except KeyRefError as exc:
             return rejected(kind, 400, f"link key references rejected: {exc}", msg.ksid, link=msg.link)
-        if not km.store.remember_message(msg.link, msg.msg_id, time.time()):
-            return rejected(kind, 400, "replayed message", msg.ksid, link=msg.link)
         with km._lock:
             route = km.logic.route_relay(msg.ksid, sender, km.clock())
         if not route.accept:

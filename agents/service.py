@@ -787,7 +787,7 @@ class KeyManagerAgent:
         self._pool.submit(self.control.closed, ksid, session.source_sae, "route broken")
 
     def _has_key(self, ksid: str, index: int) -> bool:
-        return any(info.index == index for info in self.store.list_session_keys(ksid))
+        return self.store.session_key_info(ksid, index) is not None
 
     def _remember_key(self, ksid: str, index: int, hops: int, group: str | None = None) -> None:
         with self._lock:
