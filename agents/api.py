@@ -424,7 +424,10 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
         km._wake.set()
         return _json(answer)
 
-    def receive(kind: str, parse: Callable[[Any], Any], open_fn: Callable[[Any, bytes], relay.RelayPayload]):
+    def receive(kind: str, parse: Callable[[Any], Any], open_fn: Callable[[Any, bytes], relay.RelayPayload],
+                batch: bool = False):
+        """A forward or deliver message, or (``batch``) a RelayBatch of them: several keys of one
+        session on one link, verified, consumed and stored in one transaction each."""
         body = _body()
         if body is None:
             return _error(400, "the body is not a JSON object")
@@ -432,64 +435,83 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
             msg = parse(body)
         except relay.RelayFormatError as exc:
             return rejected(kind, 400, str(exc))
-        sender = neighbour(msg.link)
+        msgs = list(msg.messages) if batch else [msg]
+        first = msgs[0]
+        sender = neighbour(first.link)
         if sender is None:
-            return rejected(kind, 403, "the sender is not this node's neighbour on that link", msg.ksid)
+            return rejected(kind, 403, "the sender is not this node's neighbour on that link", first.ksid)
         # The tag is checked and the named link key consumed before the session is looked up: the
         # sender spent those bytes when it sent an authentic message, so this end discards them too
         # even when it cannot take the message (no such session here any more, e.g. after a restart)
         # and both ends of the link stay in step. A forged, altered or replayed message consumes
-        # nothing: tag check, msg_id record and consumption are one transaction.
+        # nothing: tag checks, msg_id records and consumption are one transaction (for a batch: one
+        # bad message and the whole batch is refused, nothing consumed).
         opened: list[relay.RelayPayload] = []
+
+        def verify(data: bytes) -> None:
+            parts = msg.split(data) if batch else [data]
+            opened[:] = [open_fn(m, d) for m, d in zip(msgs, parts)]
+
         try:
-            km.store.consume_refs(msg.link, msg.consumed_refs(), verify=lambda d: opened.append(open_fn(msg, d)),
-                                  msg_id=msg.msg_id, now=time.time())
+            km.store.consume_refs(first.link, msg.consumed_refs(), verify=verify,
+                                  msg_id=[m.msg_id for m in msgs], now=time.time())
         except relay.RelayAuthError:
-            return rejected(kind, 400, "authentication tag does not verify", msg.ksid, link=msg.link)
+            return rejected(kind, 400, "authentication tag does not verify", first.ksid, link=first.link)
         except ReplayedMessage:
-            return rejected(kind, 400, "replayed message", msg.ksid, link=msg.link)
+            return rejected(kind, 400, "replayed message", first.ksid, link=first.link)
         except KeyRefError as exc:
-            return rejected(kind, 400, f"link key references rejected: {exc}", msg.ksid, link=msg.link)
+            return rejected(kind, 400, f"link key references rejected: {exc}", first.ksid, link=first.link)
         with km._lock:
-            route = km.logic.route_relay(msg.ksid, sender, km.clock())
+            route = km.logic.route_relay(first.ksid, sender, km.clock())
         if not route.accept:
-            return not_ready(msg.ksid) or rejected(kind, 409, route.reason, msg.ksid)
-        payload = opened[0]
-        group = getattr(msg, "group", None)
+            return not_ready(first.ksid) or rejected(kind, 409, route.reason, first.ksid)
+        group = getattr(first, "group", None)
         if route.local:
-            hops = (msg.hop - 1) if kind == "forward" else 0
-            known_group = km._session_group.get(msg.ksid)
+            hops = (first.hop - 1) if kind == "forward" else 0
+            known_group = km._session_group.get(first.ksid)
             if known_group is not None and group != known_group:
-                return rejected(kind, 409, "the key's multicast group is not the session's", msg.ksid)
+                return rejected(kind, 409, "the key's multicast group is not the session's", first.ksid)
             if group is not None:
-                km.slave_sessions.set_group(msg.ksid, group)  # on disk before the key: key_IDs after a restart
+                km.slave_sessions.set_group(first.ksid, group)  # on disk before the key: key_IDs after a restart
             try:
-                km.store.put_session_key(msg.ksid, msg.index, payload.key, sides=("destination",))
+                km.store.put_session_keys(first.ksid, [(m.index, p.key) for m, p in zip(msgs, opened)],
+                                          sides=("destination",))
             except SessionKeyConflict:
-                return rejected(kind, 409, "a different key with that index is already stored", msg.ksid)
-            km._remember_key(msg.ksid, msg.index, hops, group=group)
-            km._hops[msg.ksid] = hops
-            confirm = relay.seal_confirm(ksid=msg.ksid, index=msg.index, msg_id=msg.msg_id,
-                                         source_node=msg.source_node, destination_node=msg.destination_node,
-                                         payload=payload)
-            km._emit_raw("relay_received", msg.ksid, index=msg.index, hops=hops)
-            km._call(km.logic.key_ready, msg.ksid, msg.index, km.clock())
-            return _json({"confirm": confirm.to_dict(), "hops": hops})
-        # Trusted node: decrypt with the previous link's key, re-encrypt with the next one's.
+                return rejected(kind, 409, "a different key with that index is already stored", first.ksid)
+            confirms = []
+            for m, payload in zip(msgs, opened):
+                km._remember_key(m.ksid, m.index, hops, group=group)
+                confirms.append(relay.seal_confirm(ksid=m.ksid, index=m.index, msg_id=m.msg_id,
+                                                   source_node=m.source_node, destination_node=m.destination_node,
+                                                   payload=payload).to_dict())
+            km._hops[first.ksid] = hops
+            for m in msgs:
+                km._emit_raw("relay_received", m.ksid, index=m.index, hops=hops)
+                km._call(km.logic.key_ready, m.ksid, m.index, km.clock())
+            if batch:
+                return _json({"confirms": confirms, "hops": hops})
+            return _json({"confirm": confirms[0], "hops": hops})
+        # Trusted node: decrypt with the previous link's key, re-encrypt with the next one's (one
+        # take for all the keys of a batch).
         next_link = km._links.get(route.node)
         role = "master" if next_link.master == km.name else "slave"
+        sizes = [relay.link_key_bits_needed(p.key_bits) // 8 for p in opened]
         try:
-            slices = km.store.take(next_link.qkdl_id, role, relay.link_key_bits_needed(payload.key_bits))
+            slices = km.store.take(next_link.qkdl_id, role, 8 * sum(sizes))
         except InsufficientKey:
             return _error(503, f"insufficient link key towards {route.node}")
-        onward = relay.seal_forward(ksid=msg.ksid, index=msg.index, msg_id=msg.msg_id, link=next_link.qkdl_id,
-                                    hop=msg.hop + 1, source_node=msg.source_node,
-                                    destination_node=msg.destination_node, payload=payload, slices=slices,
-                                    group=group)
+        onward = [relay.seal_forward(ksid=m.ksid, index=m.index, msg_id=m.msg_id, link=next_link.qkdl_id,
+                                     hop=m.hop + 1, source_node=m.source_node, destination_node=m.destination_node,
+                                     payload=payload, slices=part, group=group)
+                  for m, payload, part in zip(msgs, opened, relay.partition_slices(slices, sizes))]
         km.workers.get(next_link.qkdl_id) and km.workers[next_link.qkdl_id].wake()
-        km._emit_raw("relay_forwarded", msg.ksid, index=msg.index, to=route.node)
+        for m in msgs:
+            km._emit_raw("relay_forwarded", m.ksid, index=m.index, to=route.node)
         try:
-            return _json(km.peers[route.node].post("/relay/v1/forward", onward.to_dict()))
+            if batch:
+                return _json(km.peers[route.node].post("/relay/v1/forward_batch",
+                                                       relay.RelayBatch(tuple(onward)).to_dict()))
+            return _json(km.peers[route.node].post("/relay/v1/forward", onward[0].to_dict()))
         except Exception as exc:  # noqa: BLE001 — pass the failure back towards the source
             status = getattr(exc, "status", 502)
             return _error(status if status in (400, 409, 503) else 502, f"next hop {route.node}: {exc}")
@@ -501,6 +523,14 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
     @app.post("/relay/v1/deliver")
     def deliver() -> Response:
         return receive("deliver", relay.DeliverMessage.from_dict, relay.open_deliver)
+
+    @app.post("/relay/v1/forward_batch")
+    def forward_batch() -> Response:
+        return receive("forward", lambda b: relay.RelayBatch.from_dict(b, "forward"), relay.open_forward, batch=True)
+
+    @app.post("/relay/v1/deliver_batch")
+    def deliver_batch() -> Response:
+        return receive("deliver", lambda b: relay.RelayBatch.from_dict(b, "deliver"), relay.open_deliver, batch=True)
 
     def along(path: str, towards_source: bool) -> Response:
         body = _body()

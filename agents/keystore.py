@@ -354,6 +354,11 @@ class KeyStore:
             db = self._db
             if db is None:
                 raise KeyStoreError(f"{self.path}: the key store is closed")
+            if self._tx_levels is not None:
+                # Inside a transaction of this thread (the lock is re-entrant): join it; the
+                # outermost one commits, or rolls everything back if this raises.
+                yield db
+                return
             db.execute("BEGIN IMMEDIATE")
             self._tx_levels = {}
             try:
@@ -674,8 +679,8 @@ class KeyStore:
                        (consumed, _format_ranges(ranges), bytes(buf), seq))
 
     def consume_refs(self, link: str, refs: Iterable[Any],
-                     verify: Callable[[bytes], Any] | None = None, *, msg_id: str | None = None,
-                     now: float | None = None) -> bytes:
+                     verify: Callable[[bytes], Any] | None = None, *,
+                     msg_id: str | Sequence[str] | None = None, now: float | None = None) -> bytes:
         """Consume exactly the referenced bytes of keys the *other* end owns; returns them concatenated.
 
         ``refs``: KeyRef, ``{"key_ID", "offset", "length"}`` or triples. All or
@@ -687,10 +692,11 @@ class KeyStore:
         consumed and the exception propagates — so a forged message cannot burn
         the sender's key.
 
-        ``msg_id``: the relay message's ID, recorded (as ``remember_message`` does,
-        at wall-clock ``now``) in the same transaction once ``verify`` passed; an ID
-        already seen on the link raises ReplayedMessage and consumes nothing. One
-        transaction (one durable commit) per received message instead of two.
+        ``msg_id``: the relay message's ID (or the IDs of a batch of messages),
+        recorded (as ``remember_message`` does, at wall-clock ``now``) in the same
+        transaction once ``verify`` passed; an ID already seen on the link raises
+        ReplayedMessage and consumes nothing. One transaction (one durable commit)
+        per received message, or batch, instead of two per message.
         """
         parsed = [KeyRef.parse(r) for r in refs]
         if not parsed:
@@ -733,8 +739,11 @@ class KeyStore:
                 entry[2] = _add_range(entry[2], a, b)
             if verify is not None:
                 verify(bytes(out))
-            if msg_id is not None and not self._remember(db, link, msg_id, time.time() if now is None else now):
-                raise ReplayedMessage(f"link {link}: relay message {msg_id} was received already")
+            ids = [] if msg_id is None else [msg_id] if isinstance(msg_id, str) else list(msg_id)
+            at = time.time() if now is None else now
+            for mid in ids:
+                if not self._remember(db, link, mid, at):
+                    raise ReplayedMessage(f"link {link}: relay message {mid} was received already")
             for seq, size, ranges, buf in keys.values():
                 self._write_key(db, seq, size, ranges, buf)
             self._level(link, owner, "available", -len(out))
@@ -779,6 +788,14 @@ class KeyStore:
                        (ksid, index, bytes(data), "ready" if confirmed else "unconfirmed", at,
                         int("source" in want), int("destination" in want)))
             return True
+
+    def put_session_keys(self, ksid: str, keys: Sequence[tuple[int, bytes]], *, sides: Iterable[str] = SIDES,
+                         now: float | None = None) -> list[bool]:
+        """``put_session_key`` for several (index, bytes) of one session, confirmed, in one
+        transaction: all stored or, on SessionKeyConflict or a bad argument, none."""
+        sides = tuple(sides)
+        with self._tx():  # the calls below join this transaction
+            return [self.put_session_key(ksid, index, data, sides=sides, now=now) for index, data in keys]
 
     def group_key(self, group: str, index: int, make: Callable[[], bytes], *, now: float | None = None) -> bytes:
         """Key ``index`` of an ETSI 014 multicast group at its source key manager.

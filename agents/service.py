@@ -26,6 +26,7 @@ import requests
 from flask import Flask
 
 from agents import relay
+from agents.batch import group_productions, produce_batch
 from agents.control import (AdmissionRequest, AdmissionResult, ControlPlane, LocalControlPlane, RouteConfig)
 from agents.core.keymanager import (AnswerPeer, DeliverKey, EmitEvent, FetchFromSource, KeyManagerLogic,
                                     NeedAdmission, NeedAuthentication, ProduceKey, PurgeKeys, Reject, Reply,
@@ -202,7 +203,7 @@ class KeyManagerAgent:
         self._member_key_ids: dict[tuple[str, str], tuple[str, int]] = {}  # (key_ID, slave SAE) -> (ksid, index)
         self._session_group: dict[str, str] = {}  # member session KSID -> its multicast group
         self._group_slaves: dict[str, set[str]] = {}  # multicast group -> its slave SAEs served here
-        self._producing: dict[tuple[str, int], concurrent.futures.Future] = {}
+        self._producing: dict[tuple[str, int], None] = {}  # keys being made here
         # ETSI 014 destination sessions on disk; those from before a restart ("orphans": no session
         # in the logic any more) keep their undelivered keys deliverable until their retention ends.
         self.slave_sessions = SlaveSessions(self.state_dir / f"{node}.slave-sessions.json")
@@ -382,6 +383,7 @@ class KeyManagerAgent:
         return result
 
     def _run(self, actions: Iterable[Any]) -> None:
+        produce: list[ProduceKey] = []
         for a in actions:
             if isinstance(a, (Reply, Reject, DeliverKey)):
                 pending = self._calls.get(a.call_id)
@@ -399,9 +401,8 @@ class KeyManagerAgent:
                     self._admitting[a.ksid] = a.source_sae
                 self._pool.submit(self._admit, a)
             elif isinstance(a, ProduceKey):
-                key = (a.ksid, a.index)
-                if key not in self._producing:
-                    self._producing[key] = self._pool.submit(self._produce, a)
+                if (a.ksid, a.index) not in self._producing:
+                    produce.append(a)
             elif isinstance(a, FetchFromSource):
                 self._pool.submit(self._fetch, a)
             elif isinstance(a, AnswerPeer):
@@ -419,6 +420,14 @@ class KeyManagerAgent:
                     self._forget_key_ids(a.ksid)
             else:  # pragma: no cover — a new action type must be handled here
                 log.error("unhandled action %r", a)
+        # Several keys of one session and route in one decision are made together (agents/batch.py).
+        for batch in group_productions(produce):
+            for a in batch:  # registered before the job can end and unregister them
+                self._producing[(a.ksid, a.index)] = None
+            if len(batch) == 1:
+                self._pool.submit(self._produce, batch[0])
+            else:
+                self._pool.submit(produce_batch, self, batch)
 
     def _await(self, decision: Any, deadline_s: float) -> Reply | Reject | DeliverKey | None:
         """Block the calling (HTTP) thread until the call is answered or its deadline passes."""
