@@ -79,17 +79,17 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
         return who.name
 
     def read_keys(answer: DeliverKey, side: str) -> list[tuple[int, bytes]] | Response:
-        out = []
-        for index in answer.indices:
-            try:
-                data = km.store.get_session_key(answer.ksid, index, side)
-            except AlreadyDelivered:
-                return _error(409, f"key index {index} of this Key_stream_ID was already delivered")
-            if data is None:
-                return _error(503, "key not available")
-            out.append((index, data))
-            km.node_state.record_consumption(answer.ksid, 8 * len(data)) if _known_app(answer.ksid) else None
-        return out
+        # One transaction for all the keys of the call: all handed out, or none.
+        try:
+            data = km.store.get_session_keys(answer.ksid, answer.indices, side)
+        except AlreadyDelivered as exc:
+            return _error(409, f"key index {getattr(exc, 'index', '?')} of this Key_stream_ID was already delivered")
+        if data is None:
+            return _error(503, "key not available")
+        if _known_app(answer.ksid):
+            for key in data:
+                km.node_state.record_consumption(answer.ksid, 8 * len(key))
+        return list(zip(answer.indices, data))
 
     def _known_app(ksid: str) -> bool:
         try:
@@ -238,15 +238,13 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
             if not all(i in held and held[i].state != "unconfirmed" and "destination" not in held[i].delivered
                        for i in indices):
                 return _error(400, KEYS_NOT_FOUND)
-            out = []
-            for index in indices:
-                try:
-                    data = km.store.get_session_key(ksid, index, "destination")
-                except AlreadyDelivered:
-                    data = None
-                if data is None:
-                    return _error(400, KEYS_NOT_FOUND)
-                out.append((index, data))
+            try:
+                data = km.store.get_session_keys(ksid, indices, "destination")
+            except AlreadyDelivered:
+                data = None
+            if data is None:
+                return _error(400, KEYS_NOT_FOUND)
+            out = list(zip(indices, data))
         km._emit_raw("key_returned", ksid, call="dec_keys", count=len(out), recovered=True)
         answer = _json({"keys": [{"key_ID": km.key_id_of(ksid, i), "key": base64.b64encode(d).decode()}
                                  for i, d in out]})

@@ -864,6 +864,30 @@ class KeyStore:
         return SessionKeyInfo(i, st, at, tuple(s for s, w in zip(SIDES, (ws, wd)) if w),
                               tuple(s for s, g in zip(SIDES, (gs, gd)) if g))
 
+    def get_session_keys(self, ksid: str, indices: Sequence[int], side: str) -> list[bytes] | None:
+        """``get_session_key`` for several indices in one transaction, all or nothing: None, with
+        nothing delivered, if any index is not here (yet) or unconfirmed; AlreadyDelivered (its
+        ``index`` attribute names the index), with nothing delivered, if any was delivered to
+        that side already."""
+        class _Missing(Exception):
+            pass
+
+        try:
+            with self._tx():  # the calls below join this transaction
+                out = []
+                for index in indices:
+                    try:
+                        data = self.get_session_key(ksid, index, side)
+                    except AlreadyDelivered as exc:
+                        exc.index = index
+                        raise
+                    if data is None:
+                        raise _Missing
+                    out.append(data)
+                return out
+        except _Missing:
+            return None
+
     def list_session_keys(self, ksid: str) -> list[SessionKeyInfo]:
         """Indices of a session held here (without their bytes), in index order."""
         with self._read() as db:

@@ -600,3 +600,18 @@ def test_group_key_is_made_once_and_delivered_once_to_the_master(tmp_path):
         assert store.group_key(group, 1, make) != first
     with KeyStore(tmp_path / "ks.sqlite") as store:  # durable: the same bytes after a restart
         assert store.group_key(group, 1, make) == made[1] and len(made) == 2
+
+
+def test_get_session_keys_is_all_or_nothing(tmp_path):
+    with KeyStore(tmp_path / "ks.db") as store:
+        for i in range(4):
+            store.put_session_key("k", i, bytes([i + 1]) * 4, sides=("destination",), confirmed=i != 2)
+        assert store.get_session_keys("k", [0, 2], "destination") is None  # 2 unconfirmed: nothing delivered
+        assert store.get_session_keys("k", [0, 9], "destination") is None  # 9 not here
+        assert store.get_session_keys("k", [1, 0], "destination") == [b"\x02" * 4, b"\x01" * 4]
+        with pytest.raises(AlreadyDelivered) as exc:
+            store.get_session_keys("k", [3, 0], "destination")
+        assert exc.value.index == 0
+        assert store.get_session_keys("k", [3], "destination") == [b"\x04" * 4]  # 3 was not handed out above
+        delivered = {i.index for i in store.list_session_keys("k") if i.delivered}
+        assert delivered == {0, 1, 3}
