@@ -35,7 +35,11 @@ def group_productions(actions: Iterable[ProduceKey]) -> list[list[ProduceKey]]:
     """The productions of one decision, grouped into batches: same session, next hop, pool and
     key size, at most ``relay.MAX_BATCH`` keys each. A multicast key stays alone."""
     groups: dict[tuple, list[ProduceKey]] = {}
+    seen: set[tuple[str, int]] = set()
     for a in actions:
+        if (a.ksid, a.index) in seen:
+            continue  # one production per key
+        seen.add((a.ksid, a.index))
         key = ("single", a.ksid, a.index) if a.group is not None else (a.ksid, a.next_hop, a.pool, a.bits)
         groups.setdefault(key, []).append(a)
     out: list[list[ProduceKey]] = []
