@@ -20,7 +20,7 @@ from agents import relay
 from agents.control import AdmissionRequest, LocalControlPlane
 from agents.core.keymanager import DeliverKey, Reject, Reply, Wait, key_id_for, metadata_json
 from agents.core.session import SETUP_STATES, QoS, Status
-from agents.keystore import AlreadyDelivered, InsufficientKey, KeyRefError, SessionKeyConflict
+from agents.keystore import AlreadyDelivered, InsufficientKey, KeyRefError, ReplayedMessage, SessionKeyConflict
 from agents.linkkeys import LinkKeyProtocolError
 
 if TYPE_CHECKING:
@@ -79,23 +79,21 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
         return who.name
 
     def read_keys(answer: DeliverKey, side: str) -> list[tuple[int, bytes]] | Response:
-        out = []
-        for index in answer.indices:
-            try:
-                data = km.store.get_session_key(answer.ksid, index, side)
-            except AlreadyDelivered:
-                return _error(409, f"key index {index} of this Key_stream_ID was already delivered")
-            if data is None:
-                return _error(503, "key not available")
-            out.append((index, data))
+        # One transaction for all the keys of the call: all handed out, or none.
+        try:
+            data = km.store.get_session_keys(answer.ksid, answer.indices, side)
+        except AlreadyDelivered as exc:
+            return _error(409, f"key index {getattr(exc, 'index', '?')} of this Key_stream_ID was already delivered")
+        if data is None:
+            return _error(503, "key not available")
         # Statistics of the ETSI 015 application(s): a multicast key counts for every member session.
         with km._lock:
             apps = list(km.logic.group_members(answer.ksid).values()) or [answer.ksid]
-        bits = sum(8 * len(data) for _, data in out)
+        bits = sum(8 * len(key) for key in data)
         for app_id in apps:
             if _known_app(app_id):
                 km.node_state.record_consumption(app_id, bits)
-        return out
+        return list(zip(answer.indices, data))
 
     def _known_app(ksid: str) -> bool:
         try:
@@ -220,7 +218,7 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
         # All or nothing: the keys are checked, then read, with no other dec_keys in between, so a
         # request naming one key already delivered consumes none of the others.
         with dec_lock:
-            held = {info.index: info for info in km.store.list_session_keys(ksid)}
+            held = km.store.session_key_infos(ksid, indices)
             have = all(i in held and held[i].state != "unconfirmed" and "destination" in held[i].sides
                        and "destination" not in held[i].delivered for i in indices)
             now = km.clock()
@@ -240,19 +238,17 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
         if record["destination_sae"] != slave:
             return _error(401, "")
         with dec_lock:
-            held = {info.index: info for info in km.store.list_session_keys(ksid)}
+            held = km.store.session_key_infos(ksid, indices)
             if not all(i in held and held[i].state != "unconfirmed" and "destination" not in held[i].delivered
                        for i in indices):
                 return _error(400, KEYS_NOT_FOUND)
-            out = []
-            for index in indices:
-                try:
-                    data = km.store.get_session_key(ksid, index, "destination")
-                except AlreadyDelivered:
-                    data = None
-                if data is None:
-                    return _error(400, KEYS_NOT_FOUND)
-                out.append((index, data))
+            try:
+                data = km.store.get_session_keys(ksid, indices, "destination")
+            except AlreadyDelivered:
+                data = None
+            if data is None:
+                return _error(400, KEYS_NOT_FOUND)
+            out = list(zip(indices, data))
         km._emit_raw("key_returned", ksid, call="dec_keys", count=len(out), recovered=True)
         answer = _json({"keys": [{"key_ID": km.key_id_of(ksid, i), "key": base64.b64encode(d).decode()}
                                  for i, d in out]})
@@ -310,9 +306,10 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
         now = km.clock()
 
         def have_key(index: int) -> bool:
-            return any(info.index == index and info.state != "unconfirmed"
-                       and side_of(ksid) not in info.delivered for info in km.store.list_session_keys(ksid)) \
-                if isinstance(ksid, str) else False
+            if not isinstance(ksid, str):
+                return False
+            info = km.store.session_key_info(ksid, index)
+            return info is not None and info.state != "unconfirmed" and side_of(ksid) not in info.delivered
 
         index = body.get("index")
         if isinstance(ksid, str) and isinstance(index, int) and not isinstance(index, bool):
@@ -320,8 +317,8 @@ def register_application_apis(app: Flask, km: "KeyManagerAgent") -> None:
                 session = km.logic.session(ksid)
             if session is not None and session.local_sae == caller and session.interface == "004":
                 side = km._side(session.ksid)
-                if any(info.index == index and side in info.delivered
-                       for info in km.store.list_session_keys(session.ksid)):
+                info = km.store.session_key_info(session.ksid, index)
+                if info is not None and side in info.delivered:
                     # Answered here: the logic would ask for the key again (the source, or the
                     # destination through the source) and the call would wait for its Timeout.
                     return _error(409, f"key index {index} of this Key_stream_ID was already delivered")
@@ -432,7 +429,10 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
         km._wake.set()
         return _json(answer)
 
-    def receive(kind: str, parse: Callable[[Any], Any], open_fn: Callable[[Any, bytes], relay.RelayPayload]):
+    def receive(kind: str, parse: Callable[[Any], Any], open_fn: Callable[[Any, bytes], relay.RelayPayload],
+                batch: bool = False):
+        """A forward or deliver message, or (``batch``) a RelayBatch of them: several keys of one
+        session on one link, verified, consumed and stored in one transaction each."""
         body = _body()
         if body is None:
             return _error(400, "the body is not a JSON object")
@@ -440,62 +440,83 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
             msg = parse(body)
         except relay.RelayFormatError as exc:
             return rejected(kind, 400, str(exc))
-        sender = neighbour(msg.link)
+        msgs = list(msg.messages) if batch else [msg]
+        first = msgs[0]
+        sender = neighbour(first.link)
         if sender is None:
-            return rejected(kind, 403, "the sender is not this node's neighbour on that link", msg.ksid)
+            return rejected(kind, 403, "the sender is not this node's neighbour on that link", first.ksid)
         # The tag is checked and the named link key consumed before the session is looked up: the
         # sender spent those bytes when it sent an authentic message, so this end discards them too
         # even when it cannot take the message (no such session here any more, e.g. after a restart)
-        # and both ends of the link stay in step. A forged or altered message consumes nothing.
+        # and both ends of the link stay in step. A forged, altered or replayed message consumes
+        # nothing: tag checks, msg_id records and consumption are one transaction (for a batch: one
+        # bad message and the whole batch is refused, nothing consumed).
         opened: list[relay.RelayPayload] = []
+
+        def verify(data: bytes) -> None:
+            parts = msg.split(data) if batch else [data]
+            opened[:] = [open_fn(m, d) for m, d in zip(msgs, parts)]
+
         try:
-            km.store.consume_refs(msg.link, msg.consumed_refs(), verify=lambda d: opened.append(open_fn(msg, d)))
+            km.store.consume_refs(first.link, msg.consumed_refs(), verify=verify,
+                                  msg_id=[m.msg_id for m in msgs], now=time.time())
         except relay.RelayAuthError:
-            return rejected(kind, 400, "authentication tag does not verify", msg.ksid, link=msg.link)
+            return rejected(kind, 400, "authentication tag does not verify", first.ksid, link=first.link)
+        except ReplayedMessage:
+            return rejected(kind, 400, "replayed message", first.ksid, link=first.link)
         except KeyRefError as exc:
-            return rejected(kind, 400, f"link key references rejected: {exc}", msg.ksid, link=msg.link)
-        if not km.store.remember_message(msg.link, msg.msg_id, time.time()):
-            return rejected(kind, 400, "replayed message", msg.ksid, link=msg.link)
+            return rejected(kind, 400, f"link key references rejected: {exc}", first.ksid, link=first.link)
         with km._lock:
-            route = km.logic.route_relay(msg.ksid, sender, km.clock())
+            route = km.logic.route_relay(first.ksid, sender, km.clock())
         if not route.accept:
-            return not_ready(msg.ksid) or rejected(kind, 409, route.reason, msg.ksid)
-        payload = opened[0]
-        group = getattr(msg, "group", None)
+            return not_ready(first.ksid) or rejected(kind, 409, route.reason, first.ksid)
+        group = getattr(first, "group", None)
         if route.local:
-            hops = (msg.hop - 1) if kind == "forward" else 0
-            known_group = km._session_group.get(msg.ksid)
+            hops = (first.hop - 1) if kind == "forward" else 0
+            known_group = km._session_group.get(first.ksid)
             if known_group is not None and group != known_group:
-                return rejected(kind, 409, "the key's multicast group is not the session's", msg.ksid)
+                return rejected(kind, 409, "the key's multicast group is not the session's", first.ksid)
             if group is not None:
-                km.slave_sessions.set_group(msg.ksid, group)  # on disk before the key: key_IDs after a restart
+                km.slave_sessions.set_group(first.ksid, group)  # on disk before the key: key_IDs after a restart
             try:
-                km.store.put_session_key(msg.ksid, msg.index, payload.key, sides=("destination",))
+                km.store.put_session_keys(first.ksid, [(m.index, p.key) for m, p in zip(msgs, opened)],
+                                          sides=("destination",))
             except SessionKeyConflict:
-                return rejected(kind, 409, "a different key with that index is already stored", msg.ksid)
-            km._remember_key(msg.ksid, msg.index, hops, group=group)
-            km._hops[msg.ksid] = hops
-            confirm = relay.seal_confirm(ksid=msg.ksid, index=msg.index, msg_id=msg.msg_id,
-                                         source_node=msg.source_node, destination_node=msg.destination_node,
-                                         payload=payload)
-            km._emit_raw("relay_received", msg.ksid, index=msg.index, hops=hops)
-            km._call(km.logic.key_ready, msg.ksid, msg.index, km.clock())
-            return _json({"confirm": confirm.to_dict(), "hops": hops})
-        # Trusted node: decrypt with the previous link's key, re-encrypt with the next one's.
+                return rejected(kind, 409, "a different key with that index is already stored", first.ksid)
+            confirms = []
+            for m, payload in zip(msgs, opened):
+                km._remember_key(m.ksid, m.index, hops, group=group)
+                confirms.append(relay.seal_confirm(ksid=m.ksid, index=m.index, msg_id=m.msg_id,
+                                                   source_node=m.source_node, destination_node=m.destination_node,
+                                                   payload=payload).to_dict())
+            km._hops[first.ksid] = hops
+            for m in msgs:
+                km._emit_raw("relay_received", m.ksid, index=m.index, hops=hops)
+                km._call(km.logic.key_ready, m.ksid, m.index, km.clock())
+            if batch:
+                return _json({"confirms": confirms, "hops": hops})
+            return _json({"confirm": confirms[0], "hops": hops})
+        # Trusted node: decrypt with the previous link's key, re-encrypt with the next one's (one
+        # take for all the keys of a batch).
         next_link = km._links.get(route.node)
         role = "master" if next_link.master == km.name else "slave"
+        sizes = [relay.link_key_bits_needed(p.key_bits) // 8 for p in opened]
         try:
-            slices = km.store.take(next_link.qkdl_id, role, relay.link_key_bits_needed(payload.key_bits))
+            slices = km.store.take(next_link.qkdl_id, role, 8 * sum(sizes))
         except InsufficientKey:
             return _error(503, f"insufficient link key towards {route.node}")
-        onward = relay.seal_forward(ksid=msg.ksid, index=msg.index, msg_id=msg.msg_id, link=next_link.qkdl_id,
-                                    hop=msg.hop + 1, source_node=msg.source_node,
-                                    destination_node=msg.destination_node, payload=payload, slices=slices,
-                                    group=group)
+        onward = [relay.seal_forward(ksid=m.ksid, index=m.index, msg_id=m.msg_id, link=next_link.qkdl_id,
+                                     hop=m.hop + 1, source_node=m.source_node, destination_node=m.destination_node,
+                                     payload=payload, slices=part, group=group)
+                  for m, payload, part in zip(msgs, opened, relay.partition_slices(slices, sizes))]
         km.workers.get(next_link.qkdl_id) and km.workers[next_link.qkdl_id].wake()
-        km._emit_raw("relay_forwarded", msg.ksid, index=msg.index, to=route.node)
+        for m in msgs:
+            km._emit_raw("relay_forwarded", m.ksid, index=m.index, to=route.node)
         try:
-            return _json(km.peers[route.node].post("/relay/v1/forward", onward.to_dict()))
+            if batch:
+                return _json(km.peers[route.node].post("/relay/v1/forward_batch",
+                                                       relay.RelayBatch(tuple(onward)).to_dict()))
+            return _json(km.peers[route.node].post("/relay/v1/forward", onward[0].to_dict()))
         except Exception as exc:  # noqa: BLE001 — pass the failure back towards the source
             status = getattr(exc, "status", 502)
             return _error(status if status in (400, 409, 503) else 502, f"next hop {route.node}: {exc}")
@@ -507,6 +528,14 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
     @app.post("/relay/v1/deliver")
     def deliver() -> Response:
         return receive("deliver", relay.DeliverMessage.from_dict, relay.open_deliver)
+
+    @app.post("/relay/v1/forward_batch")
+    def forward_batch() -> Response:
+        return receive("forward", lambda b: relay.RelayBatch.from_dict(b, "forward"), relay.open_forward, batch=True)
+
+    @app.post("/relay/v1/deliver_batch")
+    def deliver_batch() -> Response:
+        return receive("deliver", lambda b: relay.RelayBatch.from_dict(b, "deliver"), relay.open_deliver, batch=True)
 
     def along(path: str, towards_source: bool) -> Response:
         body = _body()

@@ -64,6 +64,11 @@ _MAX_ID_LEN = 256
 # References per consume_refs call: far above what one relayed key needs, low enough that a
 # hostile message cannot make the range bookkeeping expensive.
 MAX_REFS = 4096
+# SQLite page cache per store (KiB). The link-key index on random key IDs is touched all over
+# by every batch of new keys; SQLite's default 2 MiB cache makes those batches read most
+# index pages back from the file once the pools hold tens of thousands of keys.
+CACHE_KIB = 32 * 1024
+MAX_IDLE_READERS = 8  # read connections kept open for reuse
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS link_roles (
@@ -85,9 +90,9 @@ CREATE TABLE IF NOT EXISTS link_keys (
     UNIQUE (link, key_id)
 );
 CREATE INDEX IF NOT EXISTS link_keys_fifo ON link_keys (link, owner, state, seq);
--- Pool levels are read on every filling round and key request: a covering index keeps
--- them independent of how many consumed keys the table still remembers.
-CREATE INDEX IF NOT EXISTS link_keys_levels ON link_keys (link, state, owner, size, consumed);
+-- Pool levels are kept in memory (KeyStore._levels, summed once at open), so the covering
+-- index that earlier versions kept for them only slowed every write down.
+DROP INDEX IF EXISTS link_keys_levels;
 CREATE TABLE IF NOT EXISTS session_keys (
     ksid TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -140,6 +145,11 @@ class DuplicateKey(KeyStoreError):
 
 class SessionKeyConflict(KeyStoreError):
     """A session key index already holds different bytes."""
+
+
+class ReplayedMessage(KeyStoreError):
+    """``consume_refs(..., msg_id=...)``: that relay message ID was seen on the link already; nothing
+    was consumed."""
 
 
 # ----------------------------------------------------------------------------- values
@@ -289,6 +299,18 @@ class KeyStore:
         self.replay_window_s = float(replay_window_s)
         self.replay_max_per_link = int(replay_max_per_link)
         self._lock = threading.RLock()
+        # Pool levels, kept in memory: (link, owner, state) -> unconsumed bytes of its pending or
+        # available keys. Changes made in a transaction are applied once it commits (``_tx``), so
+        # the levels always describe committed state; reading them never waits for a transaction.
+        self._levels: dict[tuple[str, str, str], int] = {}
+        self._levels_lock = threading.Lock()
+        self._tx_levels: dict[tuple[str, str, str], int] | None = None
+        # Reads run on connections of their own (WAL: a reader sees the last commit and never
+        # waits for the writer), so a lookup on the key delivery path does not queue behind a
+        # transaction that stores a batch of link keys.
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closing = False
         self._replay_pruned: dict[str, tuple[float, int]] = {}  # link -> (time, inserts since)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
@@ -305,12 +327,17 @@ class KeyStore:
             # Every commit is on disk when it returns: an acknowledged consumption survives power loss.
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA secure_delete=ON")
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise KeyStoreError(f"{self.path}: key store schema {version} is newer than this "
                                     f"software ({SCHEMA_VERSION})")
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            for link, owner, state, left in db.execute(
+                    "SELECT link, owner, state, SUM(size - consumed) FROM link_keys "
+                    "WHERE state IN ('pending', 'available') GROUP BY link, owner, state"):
+                self._levels[(link, owner, state)] = int(left)
         except Exception:
             db.close()
             self._db = None
@@ -327,28 +354,75 @@ class KeyStore:
             db = self._db
             if db is None:
                 raise KeyStoreError(f"{self.path}: the key store is closed")
+            if self._tx_levels is not None:
+                # Inside a transaction of this thread (the lock is re-entrant): join it; the
+                # outermost one commits, or rolls everything back if this raises.
+                yield db
+                return
             db.execute("BEGIN IMMEDIATE")
+            self._tx_levels = {}
             try:
                 yield db
             except BaseException:
+                self._tx_levels = None
                 db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except BaseException:
+                self._tx_levels = None
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            changes, self._tx_levels = self._tx_levels, None
+            if changes:
+                with self._levels_lock:
+                    for key, delta in changes.items():
+                        self._levels[key] = self._levels.get(key, 0) + delta
+
+    def _level(self, link: str, owner: str, state: str, delta_bytes: int) -> None:
+        """Inside ``_tx``: the link's pending or available bytes of ``owner`` change by ``delta_bytes``."""
+        assert self._tx_levels is not None, "pool levels change inside a transaction only"
+        key = (link, owner, state)
+        self._tx_levels[key] = self._tx_levels.get(key, 0) + delta_bytes
+
+    def _level_bytes(self, link: str, states: tuple[str, ...], owners: tuple[str, ...] = OWNERS) -> int:
+        if self._db is None:
+            raise KeyStoreError(f"{self.path}: the key store is closed")
+        with self._levels_lock:
+            return sum(self._levels.get((link, o, st), 0) for o in owners for st in states)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read: no write lock, no commit (levels are polled often)."""
-        with self._lock:
-            db = self._db
-            if db is None:
+        """A read on a connection of its own: it sees every committed transaction and does not
+        wait for the writer (WAL). The caller reads its rows to the end inside the block."""
+        with self._readers_lock:
+            if self._db is None or self._closing:
                 raise KeyStoreError(f"{self.path}: the key store is closed")
+            db = self._readers.pop() if self._readers else None
+        if db is None:
+            db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0)
+            db.execute("PRAGMA query_only=ON")
+        try:
             yield db
+        finally:
+            with self._readers_lock:
+                if not self._closing and len(self._readers) < MAX_IDLE_READERS:
+                    self._readers.append(db)
+                    db = None
+            if db is not None:
+                db.close()
 
     def close(self) -> None:
         """Checkpoint the WAL (so old page images with key bytes leave it) and close."""
         with self._lock:
             if self._db is None:
                 return
+            with self._readers_lock:
+                self._closing = True
+                readers, self._readers = self._readers, []
+            for reader in readers:
+                reader.close()
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
@@ -421,20 +495,30 @@ class KeyStore:
                 raise DuplicateKey(f"link {link}: {len(dup)} key ID(s) already in the pool, e.g. {sorted(dup)[0]}")
             db.executemany("INSERT INTO link_keys (link, key_id, owner, state, size, data, added_at) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", [r + (at,) for r in rows])
+            for owner in OWNERS:
+                self._level(link, owner, state, sum(r[4] for r in rows if r[2] == owner))
         return ids
 
     @staticmethod
-    def _existing(db: sqlite3.Connection, link: str, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        """{key_ID: (owner, state)} of the IDs the link's pool holds."""
-        out: dict[str, tuple[str, str]] = {}
+    def _existing(db: sqlite3.Connection, link: str, ids: Sequence[str]) -> dict[str, tuple[str, str, int]]:
+        """{key_ID: (owner, state, size in bytes)} of the IDs the link's pool holds."""
+        out: dict[str, tuple[str, str, int]] = {}
         for i in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
             chunk = list(ids[i:i + 500])
             marks = ",".join("?" * len(chunk))
-            for kid, owner, state in db.execute(
-                    f"SELECT key_id, owner, state FROM link_keys WHERE link=? AND key_id IN ({marks})",
+            for kid, owner, state, size in db.execute(
+                    f"SELECT key_id, owner, state, size FROM link_keys WHERE link=? AND key_id IN ({marks})",
                     [link, *chunk]):
-                out[kid] = (owner, state)
+                out[kid] = (owner, state, size)
         return out
+
+    @staticmethod
+    def _in_chunks(db: sqlite3.Connection, sql: str, link: str, ids: Sequence[str]) -> None:
+        """Run ``sql`` (with ``?`` for the link and ``{marks}`` for the IDs) over ``ids`` in chunks:
+        one statement per 500 IDs instead of one per key."""
+        for i in range(0, len(ids), 500):
+            chunk = list(ids[i:i + 500])
+            db.execute(sql.format(marks=",".join("?" * len(chunk))), [link, *chunk])
 
     def add_pending(self, link: str, keys: Iterable[tuple[str, bytes, str]], *, now: float | None = None) -> list[str]:
         """Master end: keys fetched with enc_keys, not yet confirmed by the slave. Returns their IDs."""
@@ -451,9 +535,13 @@ class KeyStore:
             return []
         with self._tx() as db:
             existing = self._existing(db, link, ids)
-            marked = [k for k in ids if existing.get(k, ("", ""))[1] == "pending"]
-            db.executemany("UPDATE link_keys SET state='available' WHERE link=? AND key_id=? AND state='pending'",
-                           [(link, k) for k in marked])
+            marked = [k for k in ids if k in existing and existing[k][1] == "pending"]
+            self._in_chunks(db, "UPDATE link_keys SET state='available' WHERE link=? AND state='pending' "
+                                "AND key_id IN ({marks})", link, marked)
+            for k in marked:
+                owner, _state, size = existing[k]
+                self._level(link, owner, "pending", -size)
+                self._level(link, owner, "available", size)
         return marked
 
     def discard_pending(self, link: str, key_ids: Iterable[str]) -> list[str]:
@@ -463,9 +551,12 @@ class KeyStore:
             return []
         with self._tx() as db:
             existing = self._existing(db, link, ids)
-            gone = [k for k in ids if existing.get(k, ("", ""))[1] == "pending"]
-            db.executemany("DELETE FROM link_keys WHERE link=? AND key_id=? AND state='pending'",
-                           [(link, k) for k in gone])
+            gone = [k for k in ids if k in existing and existing[k][1] == "pending"]
+            self._in_chunks(db, "DELETE FROM link_keys WHERE link=? AND state='pending' AND key_id IN ({marks})",
+                            link, gone)
+            for k in gone:
+                owner, _state, size = existing[k]
+                self._level(link, owner, "pending", -size)
         return gone
 
     def pending_keys(self, link: str, limit: int | None = None) -> list[tuple[str, str, int]]:
@@ -482,26 +573,20 @@ class KeyStore:
         """{key_ID: owner} of the given IDs that the link's pool holds, in any state."""
         ids = list(dict.fromkeys(key_ids))
         with self._tx() as db:
-            return {k: owner for k, (owner, _state) in self._existing(db, link, ids).items()}
+            return {k: owner for k, (owner, _state, _size) in self._existing(db, link, ids).items()}
 
     # ------------------------------------------------------------------ link keys: levels
 
     def available_bits(self, link: str, owner: str | None = None) -> int:
-        """Unconsumed bits of the link's available keys (of one owner, or all)."""
-        sql = "SELECT COALESCE(SUM(size - consumed), 0) FROM link_keys WHERE link=? AND state='available'"
-        args: list[Any] = [link]
-        if owner is not None:
-            sql += " AND owner=?"
-            args.append(_check_owner(owner))
-        with self._read() as db:
-            return 8 * int(db.execute(sql, args).fetchone()[0])
+        """Unconsumed bits of the link's available keys (of one owner, or all).
+
+        From the levels kept in memory (committed state): no query, no wait for a transaction."""
+        owners = OWNERS if owner is None else (_check_owner(owner),)
+        return 8 * self._level_bytes(link, ("available",), owners)
 
     def pool_bits(self, link: str) -> int:
         """Bits the link's pool occupies: pending keys plus unconsumed bits of available ones."""
-        with self._read() as db:
-            return 8 * int(db.execute(
-                "SELECT COALESCE(SUM(size - consumed), 0) FROM link_keys WHERE link=? "
-                "AND state IN ('pending', 'available')", (link,)).fetchone()[0])
+        return 8 * self._level_bytes(link, ("pending", "available"))
 
     def has_room(self, link: str, bits: int) -> bool:
         return self.pool_bits(link) + bits <= self.pool_max_bits
@@ -579,6 +664,7 @@ class KeyStore:
                     ranges = _add_range(ranges, a, a + n)
                     left -= n
                 self._write_key(db, seq, size, ranges, buf)
+            self._level(link, owner, "available", -need)
             return slices
 
     @staticmethod
@@ -593,7 +679,8 @@ class KeyStore:
                        (consumed, _format_ranges(ranges), bytes(buf), seq))
 
     def consume_refs(self, link: str, refs: Iterable[Any],
-                     verify: Callable[[bytes], Any] | None = None) -> bytes:
+                     verify: Callable[[bytes], Any] | None = None, *,
+                     msg_id: str | Sequence[str] | None = None, now: float | None = None) -> bytes:
         """Consume exactly the referenced bytes of keys the *other* end owns; returns them concatenated.
 
         ``refs``: KeyRef, ``{"key_ID", "offset", "length"}`` or triples. All or
@@ -604,6 +691,12 @@ class KeyStore:
         if it raises (a relay message whose tag does not verify), nothing is
         consumed and the exception propagates — so a forged message cannot burn
         the sender's key.
+
+        ``msg_id``: the relay message's ID (or the IDs of a batch of messages),
+        recorded (as ``remember_message`` does, at wall-clock ``now``) in the same
+        transaction once ``verify`` passed; an ID already seen on the link raises
+        ReplayedMessage and consumes nothing. One transaction (one durable commit)
+        per received message, or batch, instead of two per message.
         """
         parsed = [KeyRef.parse(r) for r in refs]
         if not parsed:
@@ -646,8 +739,14 @@ class KeyStore:
                 entry[2] = _add_range(entry[2], a, b)
             if verify is not None:
                 verify(bytes(out))
+            ids = [] if msg_id is None else [msg_id] if isinstance(msg_id, str) else list(msg_id)
+            at = time.time() if now is None else now
+            for mid in ids:
+                if not self._remember(db, link, mid, at):
+                    raise ReplayedMessage(f"link {link}: relay message {mid} was received already")
             for seq, size, ranges, buf in keys.values():
                 self._write_key(db, seq, size, ranges, buf)
+            self._level(link, owner, "available", -len(out))
             return bytes(out)
 
     def prune_consumed(self, before: float) -> int:
@@ -689,6 +788,14 @@ class KeyStore:
                        (ksid, index, bytes(data), "ready" if confirmed else "unconfirmed", at,
                         int("source" in want), int("destination" in want)))
             return True
+
+    def put_session_keys(self, ksid: str, keys: Sequence[tuple[int, bytes]], *, sides: Iterable[str] = SIDES,
+                         now: float | None = None) -> list[bool]:
+        """``put_session_key`` for several (index, bytes) of one session, confirmed, in one
+        transaction: all stored or, on SessionKeyConflict or a bad argument, none."""
+        sides = tuple(sides)
+        with self._tx():  # the calls below join this transaction
+            return [self.put_session_key(ksid, index, data, sides=sides, now=now) for index, data in keys]
 
     def group_key(self, group: str, index: int, make: Callable[[], bytes], *, now: float | None = None) -> bytes:
         """Key ``index`` of an ETSI 014 multicast group at its source key manager.
@@ -749,14 +856,65 @@ class KeyStore:
                        ("delivered" if done else state, None if done else data, ksid, index))
             return bytes(data)
 
+    _INFO_COLUMNS = "idx, state, created_at, want_source, want_destination, got_source, got_destination"
+
+    @staticmethod
+    def _info(row: Sequence[Any]) -> SessionKeyInfo:
+        i, st, at, ws, wd, gs, gd = row
+        return SessionKeyInfo(i, st, at, tuple(s for s, w in zip(SIDES, (ws, wd)) if w),
+                              tuple(s for s, g in zip(SIDES, (gs, gd)) if g))
+
+    def get_session_keys(self, ksid: str, indices: Sequence[int], side: str) -> list[bytes] | None:
+        """``get_session_key`` for several indices in one transaction, all or nothing: None, with
+        nothing delivered, if any index is not here (yet) or unconfirmed; AlreadyDelivered (its
+        ``index`` attribute names the index), with nothing delivered, if any was delivered to
+        that side already."""
+        class _Missing(Exception):
+            pass
+
+        try:
+            with self._tx():  # the calls below join this transaction
+                out = []
+                for index in indices:
+                    try:
+                        data = self.get_session_key(ksid, index, side)
+                    except AlreadyDelivered as exc:
+                        exc.index = index
+                        raise
+                    if data is None:
+                        raise _Missing
+                    out.append(data)
+                return out
+        except _Missing:
+            return None
+
     def list_session_keys(self, ksid: str) -> list[SessionKeyInfo]:
         """Indices of a session held here (without their bytes), in index order."""
-        with self._tx() as db:
-            rows = db.execute("SELECT idx, state, created_at, want_source, want_destination, got_source, "
-                              "got_destination FROM session_keys WHERE ksid=? ORDER BY idx", (ksid,)).fetchall()
-        return [SessionKeyInfo(i, st, at, tuple(s for s, w in zip(SIDES, (ws, wd)) if w),
-                               tuple(s for s, g in zip(SIDES, (gs, gd)) if g))
-                for i, st, at, ws, wd, gs, gd in rows]
+        with self._read() as db:
+            rows = db.execute(f"SELECT {self._INFO_COLUMNS} FROM session_keys WHERE ksid=? ORDER BY idx",
+                              (ksid,)).fetchall()
+        return [self._info(row) for row in rows]
+
+    def session_key_infos(self, ksid: str, indices: Iterable[int]) -> dict[int, SessionKeyInfo]:
+        """The given indices of a session that are held here (without their bytes), by index.
+
+        A lookup by primary key: its cost does not grow with the keys the session holds, as
+        ``list_session_keys`` does."""
+        wanted = [i for i in dict.fromkeys(indices)
+                  if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2 ** 63]
+        out: dict[int, SessionKeyInfo] = {}
+        with self._read() as db:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in db.execute(f"SELECT {self._INFO_COLUMNS} FROM session_keys WHERE ksid=? "
+                                      f"AND idx IN ({marks})", [ksid, *chunk]):
+                    out[row[0]] = self._info(row)
+        return out
+
+    def session_key_info(self, ksid: str, index: int) -> SessionKeyInfo | None:
+        """Key ``index`` of a session if it is held here (without its bytes)."""
+        return self.session_key_infos(ksid, (index,)).get(index)
 
     def drop_sessions_except(self, keep: Iterable[str]) -> int:
         """Delete the keys of every session not in ``keep`` (after a restart: sessions nothing
@@ -800,30 +958,34 @@ class KeyStore:
         (give or take a sixteenth) the oldest go first. A replay older than that still fails: the link-key bytes its
         references name are consumed.
         """
+        with self._tx() as db:
+            return self._remember(db, link, msg_id, now)
+
+    def _remember(self, db: sqlite3.Connection, link: str, msg_id: str, now: float) -> bool:
         _check_id(link, "link")
         _check_id(msg_id, "msg_id")
         now = float(now)
-        with self._tx() as db:
-            try:
-                db.execute("INSERT INTO relay_messages (link, msg_id, seen_at) VALUES (?, ?, ?)", (link, msg_id, now))
-            except sqlite3.IntegrityError:
-                return False
-            # Prune a few times per window (or per bound's worth of inserts), not on every message.
-            last, since = self._replay_pruned.get(link, (-float("inf"), 0))
-            since += 1
-            self._replay_pruned[link] = (last, since)
-            if now - last >= self.replay_window_s / 16 or since >= max(1, self.replay_max_per_link // 16):
-                self._replay_pruned[link] = (now, 0)
-                db.execute("DELETE FROM relay_messages WHERE link=? AND seen_at < ?",
-                           (link, now - self.replay_window_s))
-                count = db.execute("SELECT COUNT(*) FROM relay_messages WHERE link=?", (link,)).fetchone()[0]
-                if count > self.replay_max_per_link:
-                    db.execute("DELETE FROM relay_messages WHERE rowid IN (SELECT rowid FROM relay_messages "
-                               "WHERE link=? ORDER BY seen_at LIMIT ?)", (link, count - self.replay_max_per_link))
-            return True
+        try:
+            db.execute("INSERT INTO relay_messages (link, msg_id, seen_at) VALUES (?, ?, ?)", (link, msg_id, now))
+        except sqlite3.IntegrityError:
+            return False
+        # Prune a few times per window (or per bound's worth of inserts), not on every message.
+        last, since = self._replay_pruned.get(link, (-float("inf"), 0))
+        since += 1
+        self._replay_pruned[link] = (last, since)
+        if now - last >= self.replay_window_s / 16 or since >= max(1, self.replay_max_per_link // 16):
+            self._replay_pruned[link] = (now, 0)
+            db.execute("DELETE FROM relay_messages WHERE link=? AND seen_at < ?",
+                       (link, now - self.replay_window_s))
+            count = db.execute("SELECT COUNT(*) FROM relay_messages WHERE link=?", (link,)).fetchone()[0]
+            if count > self.replay_max_per_link:
+                db.execute("DELETE FROM relay_messages WHERE rowid IN (SELECT rowid FROM relay_messages "
+                           "WHERE link=? ORDER BY seen_at LIMIT ?)", (link, count - self.replay_max_per_link))
+        return True
 
 
 __all__ = [
     "AlreadyDelivered", "DuplicateKey", "InsufficientKey", "KeyRef", "KeyRefError", "KeySlice", "KeyStore",
-    "KeyStoreError", "MAX_REFS", "OWNERS", "RoleConflict", "SIDES", "SessionKeyConflict", "SessionKeyInfo",
+    "KeyStoreError", "MAX_REFS", "OWNERS", "ReplayedMessage", "RoleConflict", "SIDES", "SessionKeyConflict",
+    "SessionKeyInfo",
 ]

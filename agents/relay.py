@@ -46,6 +46,8 @@ MAX_KEY_BYTES = 8192  # 65536-bit end-to-end keys
 MAX_HOPS = 64
 MAX_REFS = 1024  # ranges per list in one message
 MAX_LINK_KEYS = 4096  # key IDs per link_keys message
+MAX_BATCH = 128  # messages per forward_batch / deliver_batch (ETSI 014 max_key_per_request)
+MAX_BATCH_REFS = 4096  # link-key ranges named by all messages of one batch together
 MAX_INT = 2**63 - 1  # indices, offsets and lengths fit a signed 64-bit column
 MAX_JSON_CHARS = 1 << 20
 OWNERS = ("master", "slave")
@@ -903,6 +905,119 @@ def seal_confirm(*, ksid: str, index: int, msg_id: str, source_node: str, destin
 def verify_confirm(msg: ConfirmMessage, payload: RelayPayload) -> None:
     """The source's check of a confirmation for the payload it sent; RelayAuthError if forged."""
     _verify(payload.confirm_key, msg.header(), msg.tag)
+
+
+# --------------------------------------------------------------------------- batches
+
+class _Slice(NamedTuple):
+    """A part of a key-store slice (``split_slices`` and ``seal_*`` accept it like a KeySlice)."""
+
+    key_ID: str
+    offset: int
+    length: int
+    data: bytes
+
+
+def partition_slices(slices: Iterable[Any], sizes: Sequence[int]) -> list[list[_Slice]]:
+    """Cut the slices of one ``take`` into consecutive parts of the given byte sizes, each a
+    list of slices to hand to ``seal_forward`` / ``seal_deliver`` (one part per key of a batch).
+    The total must match exactly."""
+    return [[_Slice(r.key_ID, r.offset, r.length, m.data[at - r.length:at])
+             for r, at in zip(m.refs, _ends(m.refs))] for m in split_slices(slices, sizes)]
+
+
+def _ends(refs: Sequence[KeyRef]) -> list[int]:
+    out, at = [], 0
+    for r in refs:
+        at += r.length
+        out.append(at)
+    return out
+
+
+_BATCH_SAME = {"forward": ("ksid", "link", "hop", "source_node", "destination_node", "group"),
+               "deliver": ("ksid", "link", "source_node", "destination_node")}
+
+
+@dataclass(frozen=True)
+class RelayBatch(_Json):
+    """Several keys of one session on one link in one request (``POST /relay/v1/forward_batch``,
+    ``/relay/v1/deliver_batch``): ``{"messages": [<forward or deliver message>, ...]}``.
+
+    Every message is a complete ``forward`` / ``deliver`` message, sealed and tagged with its
+    own one-time link key exactly as when sent alone; the batch only shares the HTTP request,
+    the receiver's transaction and its answer. All messages are of one kind and share ``ksid``,
+    ``link``, both nodes (and ``hop`` and ``group`` for forwards); their ``msg_id`` and ``index``
+    differ; no link-key byte is named twice in the whole batch. The receiver verifies every tag
+    and consumes every range in one transaction: one bad message and nothing is consumed.
+    """
+
+    messages: tuple[Any, ...]
+
+    KIND: ClassVar[str] = "batch"
+
+    def __post_init__(self) -> None:
+        msgs = _seq("batch", "messages", self.messages)
+        object.__setattr__(self, "messages", msgs)
+        if not 1 <= len(msgs) <= MAX_BATCH:
+            raise _fail("batch", "messages", f"must hold 1 to {MAX_BATCH} messages")
+        first = msgs[0]
+        if not isinstance(first, (ForwardMessage, DeliverMessage)):
+            raise _fail("batch", "messages[0]", "must be a forward or deliver message")
+        kind = first.KIND
+        for i, m in enumerate(msgs):
+            if type(m) is not type(first):
+                raise _fail("batch", f"messages[{i}]", f"must be a {kind} message like messages[0]")
+            for member in _BATCH_SAME[kind]:
+                if getattr(m, member) != getattr(first, member):
+                    raise _fail("batch", f"messages[{i}].{member}", "must equal that of messages[0]")
+        for member in ("msg_id", "index"):
+            seen: set[Any] = set()
+            for i, m in enumerate(msgs):
+                if getattr(m, member) in seen:
+                    raise _fail("batch", f"messages[{i}].{member}", "repeats an earlier message's")
+                seen.add(getattr(m, member))
+        refs = [(f"messages[{i}]", m.consumed_refs()) for i, m in enumerate(msgs)]
+        if sum(len(r) for _, r in refs) > MAX_BATCH_REFS:
+            raise _fail("batch", "messages", f"name more than {MAX_BATCH_REFS} link-key ranges together")
+        _check_disjoint("batch", refs)
+
+    @property
+    def kind(self) -> str:
+        return self.messages[0].KIND
+
+    @property
+    def link(self) -> str:
+        return self.messages[0].link
+
+    @property
+    def ksid(self) -> str:
+        return self.messages[0].ksid
+
+    def consumed_refs(self) -> list[KeyRef]:
+        """Every message's ``consumed_refs()``, message after message."""
+        return [r for m in self.messages for r in m.consumed_refs()]
+
+    def split(self, data: bytes) -> list[bytes]:
+        """The receiver's bytes for ``consumed_refs()``, cut back per message."""
+        return [p.data for p in _split_received([m.consumed_refs() for m in self.messages], data)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"messages": [m.to_dict() for m in self.messages]}
+
+    @classmethod
+    def from_dict(cls, obj: Any, kind: str = "forward") -> RelayBatch:
+        message_cls = {"forward": ForwardMessage, "deliver": DeliverMessage}.get(kind)
+        if message_cls is None:
+            raise ValueError(f"a batch holds forward or deliver messages, not {kind!r}")
+        o = _members(f"{kind} batch", obj, ("messages",))
+        items = _list(f"{kind} batch", "messages", o["messages"], MAX_BATCH)
+        msgs = []
+        for i, item in enumerate(items):
+            try:
+                msgs.append(message_cls.from_dict(item))
+            except RelayFormatError as exc:
+                raise RelayFormatError(f"{kind} batch: messages[{i}]: {exc}") from None
+        return cls(tuple(msgs))
 
 
 # --------------------------------------------------------------------------- replay window

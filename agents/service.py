@@ -28,6 +28,7 @@ import requests
 from flask import Flask
 
 from agents import relay
+from agents.batch import group_productions, produce_batch
 from agents.control import (AdmissionRequest, AdmissionResult, ControlPlane, LocalControlPlane, RouteConfig,
                             physical_graph, shortest_route)
 from agents.core.keymanager import (AnswerPeer, DeliverKey, EmitEvent, FetchFromSource, KeyManagerLogic,
@@ -259,7 +260,7 @@ class KeyManagerAgent:
         self._member_key_ids: dict[tuple[str, str], tuple[str, int]] = {}  # (key_ID, slave SAE) -> (ksid, index)
         self._session_group: dict[str, str] = {}  # member session KSID -> its multicast group
         self._group_slaves: dict[str, set[str]] = {}  # multicast group -> its slave SAEs served here
-        self._producing: dict[tuple[str, int], concurrent.futures.Future] = {}
+        self._producing: dict[tuple[str, int], None] = {}  # keys being made here
         self._configured_at: dict[str, float] = {}  # KSID -> monotonic time of its last configuration here
         self._claimed: dict[str, int] = {}  # pool -> link-key bits of productions that have not taken theirs yet
         self._skr_held: dict[str, float] = {}  # link -> key rate reported last (held while the pool is full)
@@ -445,6 +446,7 @@ class KeyManagerAgent:
         return result
 
     def _run(self, actions: Iterable[Any]) -> None:
+        produce: list[ProduceKey] = []
         for a in actions:
             if isinstance(a, (Reply, Reject, DeliverKey)):
                 pending = self._calls.get(a.call_id)
@@ -462,14 +464,8 @@ class KeyManagerAgent:
                     self._admitting[a.ksid] = a.source_sae
                 self._pool.submit(self._admit, a)
             elif isinstance(a, ProduceKey):
-                key = (a.ksid, a.index)
-                if key not in self._producing:
-                    # Its link key counts as spoken for until it is taken: the queue must not hand
-                    # the same material to the next request meanwhile (material_available below).
-                    claim = relay.link_key_bits_needed(a.bits)
-                    with self._lock:
-                        self._claimed[a.pool] = self._claimed.get(a.pool, 0) + claim
-                    self._producing[key] = self._pool.submit(self._produce, a, self._releaser(a.pool, claim))
+                if (a.ksid, a.index) not in self._producing:
+                    produce.append(a)
             elif isinstance(a, FetchFromSource):
                 self._pool.submit(self._fetch, a)
             elif isinstance(a, AnswerPeer):
@@ -487,6 +483,25 @@ class KeyManagerAgent:
                     self._forget_key_ids(a.ksid)
             else:  # pragma: no cover — a new action type must be handled here
                 log.error("unhandled action %r", a)
+        # Several keys of one session and route in one decision are made together (agents/batch.py).
+        for batch in group_productions(produce):
+            self._submit_production(batch)
+
+    def _submit_production(self, batch: list[ProduceKey]) -> None:
+        """Make the keys of ``batch`` (one key, or a batch of one session and pool) in the pool.
+        Their link key counts as spoken for until it is taken: the queue must not hand the same
+        material to the next request meanwhile (``material_available`` in the ticker)."""
+        for a in batch:  # registered before the job can end and unregister them
+            self._producing[(a.ksid, a.index)] = None
+        pool = batch[0].pool
+        claim = sum(relay.link_key_bits_needed(a.bits) for a in batch)
+        with self._lock:
+            self._claimed[pool] = self._claimed.get(pool, 0) + claim
+        release = self._releaser(pool, claim)
+        if len(batch) == 1:
+            self._pool.submit(self._produce, batch[0], release)
+        else:
+            self._pool.submit(produce_batch, self, batch, release)
 
     def _await(self, decision: Any, deadline_s: float) -> Reply | Reject | DeliverKey | None:
         """Block the calling (HTTP) thread until the call is answered or its deadline passes."""
@@ -939,7 +954,7 @@ class KeyManagerAgent:
         self._pool.submit(self.control.closed, ksid, session.source_sae, "route broken")
 
     def _has_key(self, ksid: str, index: int) -> bool:
-        return any(info.index == index for info in self.store.list_session_keys(ksid))
+        return self.store.session_key_info(ksid, index) is not None
 
     def _remember_key(self, ksid: str, index: int, hops: int, group: str | None = None) -> None:
         with self._lock:

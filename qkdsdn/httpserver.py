@@ -40,6 +40,11 @@ PEER_CERT_KEY = "qkdsdn.peer_cert"
 # TLS 1.2 suites with forward secrecy and AEAD only; TLS 1.3 suites are all of that already.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
+# Connections a client session keeps open per server (https_session): the agents' worker threads.
+POOL_MAXSIZE = 32
+# Idle keep-alive connections a server keeps open, per worker thread (cheroot's default is 10 in all).
+KEEP_ALIVE_PER_THREAD = 4
+
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 
@@ -130,6 +135,7 @@ def https_session(cert: Path | str | None, key: Path | str | None, ca: Path | st
     ``cert=key=None`` makes a session without a client certificate.
     """
     import requests  # clients only; servers need not pay for the import
+    import requests.adapters
 
     if (cert is None) != (key is None):
         raise ValueError("a client certificate needs both cert and key")
@@ -145,6 +151,11 @@ def https_session(cert: Path | str | None, key: Path | str | None, ca: Path | st
         session.cert = (str(cert), str(key))
     # Proxies from the environment would break mutual TLS to our own peers.
     session.trust_env = False
+    # Keep-alive connections per host: as many as a key manager has threads that may call one
+    # peer at once (requests keeps 10 by default and drops the others after use, so every call
+    # beyond 10 concurrent ones would pay a new TLS handshake).
+    for scheme in ("https://", "http://"):
+        session.mount(scheme, requests.adapters.HTTPAdapter(pool_maxsize=POOL_MAXSIZE))
     return session
 
 
@@ -344,6 +355,10 @@ class HTTPServer:
             server = _CherootServer((self.host, self._requested_port), self._wsgi, numthreads=self._threads,
                                     max=self._threads, server_name=self.name, timeout=self._timeout)
             server.qkdsdn_name = self.name
+            # cheroot answers "Connection: close" once 10 idle keep-alive connections are open, so a
+            # busier client (a key manager relaying a batch of keys on several threads) paid a new
+            # mutual-TLS handshake for most calls. Keep as many as the server has threads, 4 times over.
+            server.keep_alive_conn_limit = KEEP_ALIVE_PER_THREAD * self._threads
             if self.tls is not None:
                 server.ssl_adapter = _MutualTLSAdapter(self.tls)
                 server.ConnectionClass = _TLSConnection

@@ -246,3 +246,82 @@ def test_a_trusted_node_configured_late_is_asked_again_not_declared_broken(net):
     assert [e for e in events if e["kind"] == "relay_retry" and e["ksid"] == ksid]
     assert not [e for e in events if e["kind"] in ("route_broken", "session_terminated") and e["ksid"] == ksid]
     assert (src.close(ksid), dst.close(ksid)) == (0, 0)
+
+
+# ------------------------------------------------------------------ batches
+
+
+def test_014_keys_of_one_call_travel_in_one_batch_per_hop(net, monkeypatch):
+    """enc_keys of several keys: one forward_batch request per hop (deliver_batch between
+    neighbours), the slave gets the same keys, every link of the route pays exactly
+    number x (k + 512) bits at both ends."""
+    posted: list[tuple[str, str, int]] = []
+    for name, agent in net.agents.items():
+        for peer in agent.peers.values():
+            def spy(path, body, timeout=None, _post=peer.post, _name=name, _peer=peer.name):
+                if path.startswith("/relay/v1/") and "_batch" in path:
+                    posted.append((_name, _peer, len(body["messages"])))
+                return _post(path, body) if timeout is None else _post(path, body, timeout=timeout)
+            monkeypatch.setattr(peer, "post", spy)
+    for src, dst, kind in (("N1", "N4", "forward_batch"), ("N0", "N1", "deliver_batch")):
+        path = route(src, dst)
+        before = consumed(net)
+        posted.clear()
+        master, slave = net.session("sae", f"SAE-{src}"), net.session("sae", f"SAE-{dst}")
+        made = master.post(net.url(src) + f"/api/v1/keys/SAE-{dst}/enc_keys", json={"number": 6, "size": 256},
+                           timeout=60)
+        assert made.status_code == 200, made.text
+        keys = {k["key_ID"]: k["key"] for k in made.json()["keys"]}
+        assert len(keys) == 6 and len(set(keys.values())) == 6
+        got = slave.post(net.url(dst) + f"/api/v1/keys/SAE-{src}/dec_keys",
+                         json={"key_IDs": [{"key_ID": k} for k in keys]}, timeout=60)
+        assert got.status_code == 200 and {k["key_ID"]: k["key"] for k in got.json()["keys"]} == keys
+        # One batch per link of the route (the first call of a pair may also have set the session up).
+        assert [(a, b) for a, b, _ in posted] == list(zip(path, path[1:])), (kind, posted)
+        assert {n for _, _, n in posted} == {6}
+        after = consumed(net)
+        links = {net.link(x, y).qkdl_id for x, y in zip(path, path[1:])}
+        for (node, link_id), bits in after.items():
+            spent = bits - before.get((node, link_id), 0)
+            assert spent == (6 * relay.link_key_bits_needed(256) if link_id in links else 0), (node, link_id, spent)
+
+
+@pytest.mark.parametrize("kind, src, dst", [("forward", "N0", "N2"), ("deliver", "N0", "N1")])
+def test_a_batch_with_one_bad_message_is_refused_whole_and_consumes_nothing(net, kind, src, dst):
+    ksid = open_pair(net, f"SAE-{src}", f"SAE-{dst}")
+    receiver = net.agents["N1"]
+    messages = [craft(net, kind, ksid, "N0", "N1", src, dst, 3_000_000 + i) for i in range(3)]
+    path = f"{kind}_batch"
+    bad_tag = [dict(m) for m in messages]
+    bad_tag[2]["tag"] = flip(bad_tag[2]["tag"], 3)
+    other_ksid = [dict(m) for m in messages]
+    other_ksid[1]["index"] = messages[0]["index"]  # two messages for one index
+    before = consumed(net)
+    reported = sum(e["kind"] == "relay_rejected" for e in list(receiver.events))
+    resp = post(net, "N0", "N1", path, {"messages": bad_tag})
+    assert resp.status_code == 400 and "authentication tag" in resp.json()["message"]
+    resp = post(net, "N0", "N1", path, {"messages": other_ksid})
+    assert resp.status_code == 400 and "messages[1].index" in resp.json()["message"]
+    resp = post(net, "N0", "N1", path, {"messages": messages + [messages[0]]})
+    assert resp.status_code == 400  # a message twice: same msg_id, and its bytes named twice
+    resp = post(net, "N0", "N1", path, {"messages": []})
+    assert resp.status_code == 400
+    assert consumed(net) == before
+    assert sum(e["kind"] == "relay_rejected" for e in list(receiver.events)) == reported + 4
+    assert len(rejected_events(receiver, ksid)) == 1  # the others are refused before their KSID is read
+    # The genuine batch goes through: one confirmation per message, in order.
+    ok = post(net, "N0", "N1", path, {"messages": messages})
+    assert ok.status_code == 200, ok.text
+    confirms = ok.json()["confirms"]
+    assert [c["msg_id"] for c in confirms] == [m["msg_id"] for m in messages]
+    assert ok.json()["hops"] == len(route(src, dst)) - 2
+    assert [i.index for i in net.agents[dst].store.list_session_keys(ksid)] == [3_000_000, 3_000_001, 3_000_002]
+    spent = consumed(net)
+    link_id = net.link("N0", "N1").qkdl_id
+    assert spent[("N1", link_id)] - before[("N1", link_id)] == 3 * NEEDED
+    # Replayed whole, or one message of it alone: refused, nothing consumed.
+    assert post(net, "N0", "N1", path, {"messages": messages}).status_code == 400
+    assert post(net, "N0", "N1", kind, messages[1]).status_code == 400
+    assert consumed(net) == spent
+    for node in (src, dst):
+        assert net.client(f"SAE-{node}").close(ksid) == 0

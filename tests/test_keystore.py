@@ -25,6 +25,7 @@ from agents.keystore import (
     KeyRefError,
     KeySlice,
     KeyStore,
+    ReplayedMessage,
     RoleConflict,
     SessionKeyConflict,
 )
@@ -477,6 +478,107 @@ def test_failed_verification_consumes_nothing(tmp_path):
         assert len(seen) == 1
 
 
+def _sql_levels(store: KeyStore, link: str) -> tuple[int, dict[str, int]]:
+    """pool_bits and available_bits per owner, straight from the table."""
+    db = store._db
+    pool = db.execute("SELECT COALESCE(SUM(size - consumed), 0) FROM link_keys WHERE link=? "
+                      "AND state IN ('pending', 'available')", (link,)).fetchone()[0]
+    avail = {o: db.execute("SELECT COALESCE(SUM(size - consumed), 0) FROM link_keys WHERE link=? "
+                           "AND state='available' AND owner=?", (link, o)).fetchone()[0] for o in ("master", "slave")}
+    return 8 * pool, {o: 8 * v for o, v in avail.items()}
+
+
+def _memory_levels(store: KeyStore, link: str) -> tuple[int, dict[str, int]]:
+    return store.pool_bits(link), {o: store.available_bits(link, o) for o in ("master", "slave")}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_pool_levels_in_memory_match_the_table(tmp_path, seed):
+    """pool_bits / available_bits come from levels kept in memory: after any mix of filling,
+    spending, refused and failed calls, and after a reopen, they equal the table's sums."""
+    rng = random.Random(seed)
+    keys = [(f"00000000-0000-4000-8000-{i:012d}", rng.randbytes(rng.choice((16, 32, 40))),
+             ("master", "slave")[rng.randrange(2)]) for i in range(200)]
+    master = KeyStore(tmp_path / "m.db")
+    slave = KeyStore(tmp_path / "s.db")
+    added = 0
+    try:
+        for _ in range(120):
+            op = rng.randrange(6)
+            if op == 0 and added < len(keys):
+                batch = keys[added:added + rng.randint(1, 20)]
+                added += len(batch)
+                master.add_pending(LINK, batch)
+                slave.add_available(LINK, batch)
+                if rng.random() < 0.3:  # a duplicate in a batch: refused, nothing stored
+                    with pytest.raises(DuplicateKey):
+                        master.add_pending(LINK, batch[:1])
+            elif op == 1 and added:
+                master.mark_available(LINK, [k for k, _, _ in rng.sample(keys[:added], min(added, 15))])
+            elif op == 2 and added and rng.random() < 0.2:
+                master.discard_pending(LINK, [k for k, _, _ in rng.sample(keys[:added], min(added, 3))])
+            elif op in (3, 4):
+                owner = rng.choice(("master", "slave"))
+                spender, receiver = (master, slave) if owner == "master" else (slave, master)
+                try:
+                    sent = spender.take(LINK, owner, 8 * rng.randint(1, 60))
+                except InsufficientKey:
+                    continue
+                refs = [x.ref for x in sent]
+                if rng.random() < 0.3:  # a forged message first: consumes nothing
+                    with pytest.raises((ValueError, KeyRefError)):
+                        receiver.consume_refs(LINK, refs, verify=lambda d: (_ for _ in ()).throw(ValueError("tag")))
+                try:
+                    receiver.consume_refs(LINK, refs)
+                except KeyRefError:
+                    pass  # a pending key at the master (the slave spent it before the master's confirmation)
+            else:
+                with pytest.raises(InsufficientKey):
+                    master.take(LINK, "master", 8 * 10 ** 6)
+            for store in (master, slave):
+                assert _memory_levels(store, LINK) == _sql_levels(store, LINK)
+    finally:
+        levels = {name: _memory_levels(st, LINK) for name, st in (("m", master), ("s", slave))}
+        master.close()
+        slave.close()
+    for name in ("m", "s"):
+        with KeyStore(tmp_path / f"{name}.db") as again:
+            assert _memory_levels(again, LINK) == _sql_levels(again, LINK) == levels[name]
+
+
+def test_consume_refs_with_msg_id_refuses_a_replay_and_consumes_nothing(tmp_path):
+    keys = key_batch(4)
+    master, slave = pair(tmp_path, keys)
+    with master, slave:
+        first = master.take(LINK, "master", 8 * 48)
+        assert slave.consume_refs(LINK, [s.ref for s in first], msg_id="m1", now=10.0) == b"".join(
+            s.data for s in first)
+        second = master.take(LINK, "master", 8 * 16)
+        before = slave.stats()[LINK]
+        with pytest.raises(ReplayedMessage):  # fresh refs under an ID seen before: nothing consumed
+            slave.consume_refs(LINK, [s.ref for s in second], msg_id="m1", now=11.0)
+        assert slave.stats()[LINK] == before
+        assert not slave.remember_message(LINK, "m1", 12.0)
+        # A forged message does not record its ID: the honest one that follows goes through.
+        with pytest.raises(ValueError):
+            slave.consume_refs(LINK, [s.ref for s in second], msg_id="m2", now=13.0,
+                               verify=lambda d: (_ for _ in ()).throw(ValueError("tag")))
+        assert slave.consume_refs(LINK, [s.ref for s in second], msg_id="m2", now=14.0) == second[0].data
+
+
+def test_session_key_infos_by_index(tmp_path):
+    with KeyStore(tmp_path / "ks.db") as store:
+        for i in range(5):
+            store.put_session_key("k", i, bytes([i + 1]) * 4, sides=("source",), confirmed=i != 3)
+        store.get_session_key("k", 1, "source")
+        infos = store.session_key_infos("k", [4, 1, 3, 9, 1, -1, 2 ** 70])
+        assert sorted(infos) == [1, 3, 4]
+        assert infos[1].delivered == ("source",) and infos[3].state == "unconfirmed"
+        assert infos == {i.index: i for i in store.list_session_keys("k") if i.index in (1, 3, 4)}
+        assert store.session_key_info("k", 0).sides == ("source",)
+        assert store.session_key_info("k", 7) is None and store.session_key_info("other", 0) is None
+
+
 def test_group_key_is_made_once_and_delivered_once_to_the_master(tmp_path):
     group = "99999999-9999-4999-8999-999999999999"
     made = []
@@ -498,3 +600,18 @@ def test_group_key_is_made_once_and_delivered_once_to_the_master(tmp_path):
         assert store.group_key(group, 1, make) != first
     with KeyStore(tmp_path / "ks.sqlite") as store:  # durable: the same bytes after a restart
         assert store.group_key(group, 1, make) == made[1] and len(made) == 2
+
+
+def test_get_session_keys_is_all_or_nothing(tmp_path):
+    with KeyStore(tmp_path / "ks.db") as store:
+        for i in range(4):
+            store.put_session_key("k", i, bytes([i + 1]) * 4, sides=("destination",), confirmed=i != 2)
+        assert store.get_session_keys("k", [0, 2], "destination") is None  # 2 unconfirmed: nothing delivered
+        assert store.get_session_keys("k", [0, 9], "destination") is None  # 9 not here
+        assert store.get_session_keys("k", [1, 0], "destination") == [b"\x02" * 4, b"\x01" * 4]
+        with pytest.raises(AlreadyDelivered) as exc:
+            store.get_session_keys("k", [3, 0], "destination")
+        assert exc.value.index == 0
+        assert store.get_session_keys("k", [3], "destination") == [b"\x04" * 4]  # 3 was not handed out above
+        delivered = {i.index for i in store.list_session_keys("k") if i.delivered}
+        assert delivered == {0, 1, 3}

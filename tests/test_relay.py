@@ -663,3 +663,49 @@ def test_reencrypt_keeps_the_group(rng, ends):
     onward = reencrypt(msg, first.consume(msg.consumed_refs()), nxt.link, nxt.take(link_key_bits_needed(128)))
     assert onward.group == group and onward.hop == 2
     assert open_forward(onward, nxt.read(onward.consumed_refs())) == payload
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_batch_of_forwards_round_trip_each_key_with_its_own_material(rng, ends):
+    pool = LinkPool(rng, n_keys=40)
+    needed = link_key_bits_needed(256)
+    parts = relay.partition_slices(pool.take(3 * needed), [needed // 8] * 3)
+    assert [sum(s.length for s in p) for p in parts] == [needed // 8] * 3
+    payloads = [RelayPayload.generate(256, rng.randbytes) for _ in parts]
+    msgs = [seal_forward(**ends, index=i, msg_id=uid(rng), link=pool.link, hop=1, payload=p, slices=part)
+            for i, (p, part) in enumerate(zip(payloads, parts))]
+    batch = relay.RelayBatch.from_dict(json.loads(json.dumps(relay.RelayBatch(tuple(msgs)).to_dict())), "forward")
+    assert batch.kind == "forward" and batch.messages == tuple(msgs)
+    data = pool.consume(batch.consumed_refs())
+    assert [relay.open_forward(m, d) for m, d in zip(batch.messages, batch.split(data))] == payloads
+    assert pool.receiver_consumed_bits == pool.sender_taken_bits == 3 * needed
+
+
+def test_batch_format_is_strict(rng, ends):
+    pool = LinkPool(rng, n_keys=40)
+    needed = link_key_bits_needed(256)
+
+    def msg(index, **over):
+        fields = {**ends, "index": index, "msg_id": uid(rng), "link": pool.link, "hop": 1, **over}
+        return seal_forward(**fields, payload=RelayPayload.generate(256, rng.randbytes), slices=pool.take(needed))
+
+    one = msg(1)
+    cases = [
+        ({"messages": []}, "must not be empty"),
+        ({"messages": [one.to_dict()], "extra": 1}, "unknown member 'extra'"),
+        ({"messages": [one.to_dict(), msg(2, hop=2).to_dict()]}, r"messages\[1\]\.hop"),
+        ({"messages": [one.to_dict(), msg(3, ksid=uid(rng)).to_dict()]}, r"messages\[1\]\.ksid"),
+        ({"messages": [one.to_dict(), msg(1).to_dict()]}, r"messages\[1\]\.index"),
+        ({"messages": [one.to_dict(), {**msg(4).to_dict(), "msg_id": one.msg_id}]}, r"messages\[1\]\.msg_id"),
+        ({"messages": [one.to_dict(), {**msg(5).to_dict(), "pad_refs": one.to_dict()["pad_refs"]}]},
+         "overlaps|must cover"),
+        ({"messages": [{**one.to_dict(), "hop": 0}]}, r"messages\[0\].*hop"),
+        ({"messages": [one.to_dict()] * (relay.MAX_BATCH + 1)}, "more than"),
+    ]
+    for body, match in cases:
+        with pytest.raises(RelayFormatError, match=match):
+            relay.RelayBatch.from_dict(body, "forward")
+    with pytest.raises(RelayFormatError, match="messages"):
+        relay.RelayBatch.from_dict({"messages": [one.to_dict()]}, "deliver")  # a forward is no deliver
