@@ -165,15 +165,26 @@ def net(tmp_path):
         yield network
 
 
-def test_kill_9_and_restart_loses_and_reuses_no_key(net, tmp_path):
+def start_r1(net: Network, tmp_path, pool_bits: int) -> AgentProcess:
+    """R1 as a process, once the pools of R0 and R2 towards it hold ``pool_bits``."""
     r1 = AgentProcess(net, "R1", tmp_path / "R1-process")
-    r1_store = tmp_path / "R1-process" / "R1.keystore.sqlite"
-    delivered: list[bytes] = []  # every key any application got, before and after
     try:
         r1.start()
         r0_r1, r1_r2 = net.link("R0", "R1").qkdl_id, net.link("R1", "R2").qkdl_id
-        wait_until(lambda: net.agents["R0"].store.available_bits(r0_r1) >= 65536
-                   and net.agents["R2"].store.available_bits(r1_r2) >= 65536, "the pools to fill")
+        wait_until(lambda: net.agents["R0"].store.available_bits(r0_r1) >= pool_bits
+                   and net.agents["R2"].store.available_bits(r1_r2) >= pool_bits, "the pools to fill")
+    except BaseException:
+        r1.stop()
+        raise
+    return r1
+
+
+def test_kill_9_and_restart_loses_and_reuses_no_key(net, tmp_path):
+    r1 = None
+    r1_store = tmp_path / "R1-process" / "R1.keystore.sqlite"
+    delivered: list[bytes] = []  # every key any application got, before and after
+    try:
+        r1 = start_r1(net, tmp_path, 65536)
         a0, a1, a2 = (net.client(s) for s in ("SAE-R0", "SAE-R1", "SAE-R2"))
 
         # Before: R1 the destination of a pair (two keys left for after the restart), the source of another.
@@ -267,7 +278,8 @@ def test_kill_9_and_restart_loses_and_reuses_no_key(net, tmp_path):
         # Material lost with the messages in flight at the kill stays lost, and only that.
         assert holes_after == holes_at_kill
     finally:
-        r1.stop()
+        if r1 is not None:
+            r1.stop()
 
 
 def enc_after_restart(client, slave: str, attempts: int = 3) -> list[tuple[str, bytes]]:
@@ -304,12 +316,9 @@ def test_etsi004_sessions_survive_a_kill_9_of_an_endpoint_and_of_a_trusted_node(
     R0 -> R2. After its kill -9 and restart every session goes on under its KSID: keys stored
     before are delivered once, automatic indices continue after the last one handed out, both
     ends get identical keys, and R1's RESTCONF shows the sessions again."""
-    r1 = AgentProcess(net, "R1", tmp_path / "R1-process")
+    r1 = None
     try:
-        r1.start()
-        r0_r1, r1_r2 = net.link("R0", "R1").qkdl_id, net.link("R1", "R2").qkdl_id
-        wait_until(lambda: net.agents["R0"].store.available_bits(r0_r1) >= 16384
-                   and net.agents["R2"].store.available_bits(r1_r2) >= 16384, "the pools to fill")
+        r1 = start_r1(net, tmp_path, 16384)
         a0, a1, a2 = (net.client(s) for s in ("SAE-R0", "SAE-R1", "SAE-R2"))
         to_r1, from_r1, through = open_pair(a0, a1, "SAE-R0", "SAE-R1"), open_pair(a1, a2, "SAE-R1", "SAE-R2"), \
             open_pair(a0, a2, "SAE-R0", "SAE-R2")
@@ -347,4 +356,5 @@ def test_etsi004_sessions_survive_a_kill_9_of_an_endpoint_and_of_a_trusted_node(
         for ksid, src, dst in ((to_r1, a0, a1), (from_r1, a1, a2), (through, a0, a2)):
             assert (src.close(ksid), dst.close(ksid)) == (0, 0)
     finally:
-        r1.stop()
+        if r1 is not None:
+            r1.stop()
