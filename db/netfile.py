@@ -392,6 +392,33 @@ positive_int32 = int_range(1, INT32_MAX)
 wavelength_check = int_range(1, WAVELENGTH_MAX)
 
 
+# Texts the databases hold in length-bounded columns (db/models.py: String(N) is VARCHAR(N) on PostgreSQL, which
+# refuses a longer value, while SQLite stores it): the file's limits, in characters, that keep every backend alike.
+# Names (NAME_RE, at most 64) and ids (UUIDs, 36) fit their columns by their own rules; description and the
+# device/kme details are unbounded (TEXT, JSON).
+LOCATION_MAX = 255  # nodes.location
+KM_HOST_MAX = 255  # nodes.km_host
+CREDENTIAL_MAX = 255  # credentials.value (users[].token_hash; a cert_sha256 is 64 hex digits)
+LINK_NAME_MAX = 128  # links.name, which the default MASTER-SLAVE name can exceed
+
+
+def max_length(limit: int) -> Callable[[str], str | None]:
+    def check(v: str) -> str | None:
+        return None if len(v) <= limit else f"must be at most {limit} characters, got {len(v)}"
+    return check
+
+
+def all_of(*checks: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """The first problem of several checks, in order."""
+    def check(v: Any) -> str | None:
+        for c in checks:
+            msg = c(v)
+            if msg:
+                return msg
+        return None
+    return check
+
+
 def name_check(v: str) -> str | None:
     return None if NAME_RE.match(v) else (
         f"'{v}' is not a valid name (letters, digits, '_', '.', ':', '-'; at most 64)")
@@ -408,6 +435,17 @@ def hostport_check(v: str) -> str | None:
     m = HOSTPORT_RE.match(v)
     if not m or not 0 < int(m.group("port")) < 65536:
         return f"'{v}' is not HOST:PORT"
+    return None
+
+
+def km_address_check(v: str) -> str | None:
+    """HOST:PORT whose host (without IPv6 brackets, as stored) fits nodes.km_host."""
+    msg = hostport_check(v)
+    if msg:
+        return msg
+    host = split_hostport(v)[0]
+    if len(host) > KM_HOST_MAX:
+        return f"host part must be at most {KM_HOST_MAX} characters, got {len(host)}"
     return None
 
 
@@ -573,8 +611,8 @@ def parse(text: str, file: str = "<network>") -> Network:
         s = _Section(doc, item, p, NODE_KEYS, "node")
         name = s.get("name", "string", required=True, check=name_check)
         qkdn_id = s.get("id", "string", check=uuid_check)
-        location = s.get("location", "string")
-        addr = s.get("km_address", "string", default=f"127.0.0.1:{8400 + i}", check=hostport_check)
+        location = s.get("location", "string", check=max_length(LOCATION_MAX))
+        addr = s.get("km_address", "string", default=f"127.0.0.1:{8400 + i}", check=km_address_check)
         if name is None:
             continue
         _unique(doc, node_seen, name, p + ("name",), "node name")
@@ -629,7 +667,13 @@ def parse(text: str, file: str = "<network>") -> Network:
                       f"(already {fmt_path(pairs[pair])} at line {doc.line(pairs[pair])})")
             continue
         pairs[pair] = p
-        name = name or f"{ends[0]}-{ends[1]}"
+        if name is None:
+            name = f"{ends[0]}-{ends[1]}"
+            # Given names follow NAME_RE (at most 64); the default joins two of them and can exceed links.name.
+            if "name" not in s.data and len(name) > LINK_NAME_MAX:
+                doc.error(p, f"the default name MASTER-SLAVE would have {len(name)} characters, more than the "
+                          f"{LINK_NAME_MAX} a link name may have: give the link an explicit 'name' "
+                          "(or use shorter node names)")
         _unique(doc, link_names, name, p + ("name",), "link name")
         qkdl_id = _object_id(doc, ids_seen, qkdl_id, net_name, "link", name, p + ("id",))
         if length is None or not s.ok:
@@ -645,7 +689,7 @@ def parse(text: str, file: str = "<network>") -> Network:
         p = ("users", i)
         s = _Section(doc, item, p, USER_KEYS, "user")
         name = s.get("name", "string", required=True, check=name_check)
-        token_hash = s.get("token_hash", "string", check=token_hash_check)
+        token_hash = s.get("token_hash", "string", check=all_of(token_hash_check, max_length(CREDENTIAL_MAX)))
         revoked = s.get("revoked", "boolean", default=False)
         sla = None
         if "sla" not in s.data:

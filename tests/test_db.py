@@ -245,3 +245,59 @@ def test_values_the_database_cannot_hold_write_nothing(db_url, tmp_path, capsys)
     assert f"{bad}:29: users[0].sla.max_bps: must be between 1 and 4294967295 (uint32), got 4294967296" in err
     assert f"{bad}:29: users[0].sla.max_sessions: must be between 1 and 2147483647, got 2147483648" in err
     assert snapshot(db_url) == before
+
+
+# The longest texts the network file accepts for length-bounded columns (String(N): VARCHAR(N) on PostgreSQL).
+LONG_LOCATION = ("5TONIC Gebäude Ä, Raum " * 12)[:255]  # characters, not bytes: non-ASCII counts once
+LONG_HOST = ("a" * 63 + ".") * 3 + "b" * 63  # 255
+LONG_TOKEN_HASH = "pbkdf2_sha256$600000$00112233445566778899aabbccddeeff$" + "0f" * 100 + "1"  # 255
+LONG_A, LONG_B = "N" * 64, "M" * 63  # default link name: 128
+
+
+def _long_texts(location: str, host: str, token_hash: str, b: str) -> str:
+    return (EXAMPLES / "paper-poc.yaml").read_text().replace(
+        '{name: KM0, location: 5TONIC rack A, km_address: "127.0.0.1:8400"}',
+        f'{{name: KM0, location: "{location}", km_address: "{host}:8400"}}').replace(
+        '  - {name: KM5, location: 5TONIC rack F, km_address: "127.0.0.1:8405"}\n',
+        f'  - {{name: KM5, location: 5TONIC rack F, km_address: "127.0.0.1:8405"}}\n'
+        f'  - {{name: {LONG_A}, km_address: "127.0.0.1:8406"}}\n'
+        f'  - {{name: {b}, km_address: "127.0.0.1:8407"}}\n').replace(
+        "  - {name: L45, ends: [KM4, KM5], length_km: 10, device: {model: fixed, skr_bps: 200000, qber: 0.02}}\n",
+        "  - {name: L45, ends: [KM4, KM5], length_km: 10, device: {model: fixed, skr_bps: 200000, qber: 0.02}}\n"
+        f"  - {{ends: [{LONG_A}, {b}], length_km: 10}}\n").replace(
+        "  - name: alice\n", f"  - name: alice\n    token_hash: {token_hash}\n")
+
+
+def test_longest_file_texts_load_and_read_back(db_url, tmp_path):  # noqa: F811
+    """Every length-bounded text of the file at its longest accepted value, through `db init`, read back."""
+    assert (len(LONG_LOCATION), len(LONG_HOST), len(LONG_TOKEN_HASH), len(f"{LONG_A}-{LONG_B}")) == (
+        255, 255, 255, 128)
+    big = tmp_path / "big.yaml"
+    big.write_text(_long_texts(LONG_LOCATION, LONG_HOST, LONG_TOKEN_HASH, LONG_B), encoding="utf-8")
+    assert main(["db", "init", str(big), "--db", db_url]) == 0
+    engine = make_engine(db_url)
+    with session_factory(engine)() as s:
+        km0 = s.scalar(select(m.Node).where(m.Node.name == "KM0"))
+        assert (km0.location, km0.km_host, km0.km_port) == (LONG_LOCATION, LONG_HOST, 8400)
+        alice = s.scalar(select(m.User).where(m.User.name == "alice"))
+        assert [c.value for c in alice.credentials] == [LONG_TOKEN_HASH]
+        link = s.scalar(select(m.Link).where(m.Link.name == f"{LONG_A}-{LONG_B}"))
+        assert (link.src_node.name, link.dst_node.name) == (LONG_A, LONG_B)
+        assert link.src_interface.att_device == LONG_A
+    engine.dispose()
+
+
+def test_texts_the_database_cannot_hold_write_nothing(db_url, tmp_path, capsys):  # noqa: F811
+    assert main(["db", "init", str(EXAMPLES / "paper-poc.yaml"), "--db", db_url]) == 0
+    before = snapshot(db_url)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_long_texts(LONG_LOCATION + "x", LONG_HOST + "c", LONG_TOKEN_HASH + "0", LONG_B + "M"),
+                   encoding="utf-8")
+    assert main(["db", "init", str(bad), "--db", db_url, "--replace"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:12: nodes[0].location: must be at most 255 characters, got 256" in err
+    assert f"{bad}:12: nodes[0].km_address: host part must be at most 255 characters, got 256" in err
+    assert (f"{bad}:28: links[6]: the default name MASTER-SLAVE would have 129 characters, more than the 128 a"
+            " link name may have: give the link an explicit 'name' (or use shorter node names)") in err
+    assert f"{bad}:32: users[0].token_hash: must be at most 255 characters, got 256" in err
+    assert snapshot(db_url) == before

@@ -295,6 +295,81 @@ def test_twin_ports_of_every_emulated_link_exist():
     assert net.twin_addresses(net.links[-1]) == ("127.0.0.1:7000", "127.0.0.1:7001")
 
 
+# Every text of the file that lands in a length-bounded database column (String(N): VARCHAR(N) on PostgreSQL, which
+# refuses a longer value while SQLite stores it) is checked against that column.
+# (key, line, text of BASE it replaces, replacement for a value of n characters, characters counted, limit)
+NODE_A = "  - name: A\n"
+USER_U = "  - name: u\n"
+TOKEN_PREFIX = "pbkdf2_sha256$600000$00112233445566778899aabbccddeeff$"
+TEXTS = [
+    ("nodes[0].location", 5, NODE_A, lambda n: f"{NODE_A}    location: \"{'é' * n}\"\n", ""),
+    ("nodes[0].km_address", 5, NODE_A, lambda n: f"{NODE_A}    km_address: \"{'h' * n}:8400\"\n", "host part "),
+    ("nodes[0].km_address", 5, NODE_A,
+     lambda n: f"{NODE_A}    km_address: \"[{('0:' * n)[:n - 1]}1]:8400\"\n", "host part "),
+    ("users[0].token_hash", 12, USER_U,
+     lambda n: f"{USER_U}    token_hash: {TOKEN_PREFIX}{'f' * (n - len(TOKEN_PREFIX))}\n", ""),
+]
+
+
+def test_text_limits_are_the_database_columns():
+    from db import models as m
+    from db.netfile import CREDENTIAL_MAX, KM_HOST_MAX, LINK_NAME_MAX, LOCATION_MAX, NAME_RE
+
+    assert m.Node.__table__.c.location.type.length == LOCATION_MAX == 255
+    assert m.Node.__table__.c.km_host.type.length == KM_HOST_MAX == 255
+    assert m.Credential.__table__.c.value.type.length == CREDENTIAL_MAX == 255
+    assert m.Link.__table__.c.name.type.length == LINK_NAME_MAX == 128
+    # Names (at most 64 by NAME_RE) and ids (canonical UUIDs) fit their columns by their own rules.
+    assert NAME_RE.match("x" * 64) and not NAME_RE.match("x" * 65)
+    for column in (m.NetworkMeta.name, m.Node.name, m.User.name, m.Application.sae_id, m.Interface.att_device):
+        assert column.type.length >= 64
+    for column in (m.Node.qkdn_id, m.Link.qkdl_id, m.Application.app_id):
+        assert column.type.length == 36
+
+
+@pytest.mark.parametrize("key,line,old,new,what", TEXTS, ids=["location", "km_host", "km_host_ipv6", "token_hash"])
+def test_text_bounds(key, line, old, new, what):
+    net = parse(BASE.replace(old, new(255), 1), "net.yaml")
+    if key == "nodes[0].location":
+        assert net.node("A").location == "é" * 255
+    elif key == "nodes[0].km_address":
+        assert len(net.node("A").km_host) == 255 and net.node("A").km_port == 8400
+    else:
+        assert len(net.users[0].token_hash) == 255
+    assert one(BASE.replace(old, new(256), 1)) == (
+        f"net.yaml:{line}: {key}: {what}must be at most 255 characters, got 256")
+
+
+def long_names(a: int, b: int, link: str = "{ends: [%s, %s], length_km: 10}") -> str:
+    na, nb = "A" * a, "B" * b
+    return f"network: {{name: t}}\nnodes:\n  - name: {na}\n  - name: {nb}\nlinks:\n  - {link % (na, nb)}\n"
+
+
+def test_default_link_name_bound():
+    # Two node names of at most 64 characters: their MASTER-SLAVE name can reach 129, links.name holds 128.
+    net = parse(long_names(64, 63), "net.yaml")
+    assert net.links[0].name == "A" * 64 + "-" + "B" * 63
+    assert one(long_names(64, 64)) == (
+        "net.yaml:6: links[0]: the default name MASTER-SLAVE would have 129 characters, more than the 128 a link"
+        " name may have: give the link an explicit 'name' (or use shorter node names)")
+    net = parse(long_names(64, 64, "{name: AB, ends: [%s, %s], length_km: 10}"), "net.yaml")
+    assert net.links[0].name == "AB"
+
+
+def test_too_long_texts_are_reported_together():
+    text = long_names(64, 64).replace("  - name: BBBB", "  - location: " + "x" * 256 + "\n    name: BBBB").replace(
+        "  - name: AAAA", "  - km_address: " + "h" * 300 + ":1\n    name: AAAA") + (
+        "users:\n  - name: u\n    token_hash: " + TOKEN_PREFIX + "0" * 300 + "\n"
+        "    sla: {max_priority: 5, max_bps: 1000, max_sessions: 2, bucket_bits: 4096}\n")
+    assert problems(text) == [
+        "net.yaml:3: nodes[0].km_address: host part must be at most 255 characters, got 300",
+        "net.yaml:5: nodes[1].location: must be at most 255 characters, got 256",
+        "net.yaml:8: links[0]: the default name MASTER-SLAVE would have 129 characters, more than the 128 a link"
+        " name may have: give the link an explicit 'name' (or use shorter node names)",
+        "net.yaml:11: users[0].token_hash: must be at most 255 characters, got 354",
+    ]
+
+
 def test_fixed_model_needs_rate_and_qber():
     found = problems(BASE.replace("length_km: 10}", "length_km: 10, device: {model: fixed}}"))
     assert found == ["net.yaml:8: links[0].device: missing required key 'skr_bps'",
