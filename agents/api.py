@@ -475,14 +475,14 @@ def register_relay_api(app: Flask, km: "KeyManagerAgent") -> None:
             hops = (first.hop - 1) if kind == "forward" else 0
             known_group = km._session_group.get(first.ksid)
             if known_group is not None and group != known_group:
-                return rejected(kind, 409, "the key's multicast group is not the session's", first.ksid)
+                return rejected(kind, 409, relay.GROUP_CONFLICT, first.ksid)
             if group is not None:
                 km.slave_sessions.set_group(first.ksid, group)  # on disk before the key: key_IDs after a restart
             try:
                 km.store.put_session_keys(first.ksid, [(m.index, p.key) for m, p in zip(msgs, opened)],
                                           sides=("destination",))
             except SessionKeyConflict:
-                return rejected(kind, 409, "a different key with that index is already stored", first.ksid)
+                return rejected(kind, 409, relay.KEY_CONFLICT, first.ksid)
             confirms = []
             for m, payload in zip(msgs, opened):
                 km._remember_key(m.ksid, m.index, hops, group=group)

@@ -94,9 +94,11 @@ def produce_batch(km: "KeyManagerAgent", batch: list[ProduceKey], release: Calla
         if outcome is None:
             continue  # made alone now
         if outcome[0] == "ready":
+            km._carried.add(a.ksid)
             km._call(km.logic.key_ready, a.ksid, a.index, now)
         else:
-            km._call(km.logic.key_failed, a.ksid, a.index, now, outcome[1], outcome[2])
+            km._call(km.logic.key_failed, a.ksid, a.index, now, outcome[1], outcome[2],
+                     index_used=len(outcome) > 4 and outcome[4])
             if len(outcome) > 3 and outcome[3]:
                 broken = outcome[2]
     if broken is not None:
@@ -163,11 +165,11 @@ def _produce(km: "KeyManagerAgent", batch: list[ProduceKey],
             for (a, _, payload), confirm in zip(chunk, confirms):
                 relay.verify_confirm(relay.ConfirmMessage.from_dict(confirm), payload)
         except Exception as exc:  # noqa: BLE001 — every key of the chunk failed, as alone
-            from agents.service import PeerError
+            from agents.service import PeerError, relay_refusal
 
             if isinstance(exc, PeerError):
                 status = int(Status.INSUFFICIENT_KEY) if exc.status == 503 else int(Status.NO_QKD_CONNECTION)
-                outcome: tuple = ("failed", status, exc.message, exc.status == 409)
+                outcome: tuple = ("failed", status, exc.message, *relay_refusal(exc.status, exc.message))
                 details = {"status": exc.status, "message": exc.message}
             elif isinstance(exc, (requests.RequestException, KeyError, TypeError, relay.RelayError, ValueError)):
                 outcome, details = ("failed", int(Status.NO_QKD_CONNECTION), "relay failed"), \

@@ -764,7 +764,8 @@ class KeyStore:
         ``confirmed=False`` holds it back until ``confirm_session_key`` (the relay's
         source waits for the destination's confirmation). Returns False if the index
         is already stored with the same bytes (a retransmission); raises
-        SessionKeyConflict if it holds other bytes.
+        SessionKeyConflict if it holds other bytes, or if its key was delivered already
+        (its bytes are gone, so they cannot be compared: one index never names two keys).
         """
         _check_id(ksid, "ksid")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
@@ -780,8 +781,10 @@ class KeyStore:
                              (ksid, index)).fetchone()
             if row is not None:
                 have, state = row
-                if state == "delivered" or (have is not None and hmac.compare_digest(bytes(have), bytes(data))):
+                if have is not None and hmac.compare_digest(bytes(have), bytes(data)):
                     return False
+                if state == "delivered":
+                    raise SessionKeyConflict(f"session {ksid}: key index {index} was delivered already")
                 raise SessionKeyConflict(f"session {ksid}: key index {index} already holds other key material")
             db.execute("INSERT INTO session_keys (ksid, idx, data, state, created_at, want_source, "
                        "want_destination) VALUES (?, ?, ?, ?, ?, ?, ?)",

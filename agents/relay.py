@@ -57,6 +57,14 @@ OWNERS = ("master", "slave")
 _DOMAIN = b"qkdsdn-relay/1\x00"
 
 
+# 409 answers of a relay receiver that are about the key, not the route: the index names another
+# key there (the sender must not use that index again) or the key's multicast group is not the
+# session's. Any other 409 means the receiver does not know the session (not configured yet,
+# or not any more).
+KEY_CONFLICT = "a different key with that index is already stored"
+GROUP_CONFLICT = "the key's multicast group is not the session's"
+
+
 class RelayError(Exception):
     """Base of the relay's errors. Messages never carry key material."""
 
@@ -909,13 +917,15 @@ def verify_confirm(msg: ConfirmMessage, payload: RelayPayload) -> None:
 
 # --------------------------------------------------------------------------- batches
 
-class _Slice(NamedTuple):
-    """A part of a key-store slice (``split_slices`` and ``seal_*`` accept it like a KeySlice)."""
+@dataclass(frozen=True)
+class _Slice:
+    """A part of a key-store slice (``split_slices`` and ``seal_*`` accept it like a KeySlice);
+    its repr leaves the key bytes out."""
 
     key_ID: str
     offset: int
     length: int
-    data: bytes
+    data: bytes = field(repr=False)
 
 
 def partition_slices(slices: Iterable[Any], sizes: Sequence[int]) -> list[list[_Slice]]:

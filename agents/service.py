@@ -69,6 +69,14 @@ class Caller:
     fingerprint: str | None = None
 
 
+def relay_refusal(status: int, message: str) -> tuple[bool, bool]:
+    """(route refused, index used) of a relay error: a 409 about the key (relay.KEY_CONFLICT,
+    relay.GROUP_CONFLICT) is no broken route; KEY_CONFLICT says the index names a key already."""
+    if status != 409:
+        return False, False
+    return message not in (relay.KEY_CONFLICT, relay.GROUP_CONFLICT), message == relay.KEY_CONFLICT
+
+
 def link_key_rate(measured_bps: float, device_bps: float | None, pool_bits: int, pool_max_bits: int,
                   held_bps: float) -> float:
     """The key rate of a link as this end reports it (ETSI 015 skr, the routing's capacity).
@@ -262,6 +270,8 @@ class KeyManagerAgent:
         self._group_slaves: dict[str, set[str]] = {}  # multicast group -> its slave SAEs served here
         self._producing: dict[tuple[str, int], None] = {}  # keys being made here
         self._configured_at: dict[str, float] = {}  # KSID -> monotonic time of its last configuration here
+        # Sessions whose route has carried a key (a multicast member's keys are stored under its group).
+        self._carried: set[str] = set()
         self._claimed: dict[str, int] = {}  # pool -> link-key bits of productions that have not taken theirs yet
         self._skr_held: dict[str, float] = {}  # link -> key rate reported last (held while the pool is full)
         # ETSI 014 destination sessions on disk; those from before a restart ("orphans": no session
@@ -481,6 +491,8 @@ class KeyManagerAgent:
                     for k in [k for k in self._key_meta if k[0] == a.ksid]:
                         del self._key_meta[k]
                     self._forget_key_ids(a.ksid)
+                    self._hops.pop(a.ksid, None)
+                    self._users.pop(a.ksid, None)
             else:  # pragma: no cover — a new action type must be handled here
                 log.error("unhandled action %r", a)
         # Several keys of one session and route in one decision are made together (agents/batch.py).
@@ -666,11 +678,13 @@ class KeyManagerAgent:
         self._configured_at[config.ksid] = time.monotonic()
         with self._lock:
             session = self.logic.session(config.ksid)
-        if interface != "014" and session is not None:
+        if interface != "014" and session is not None and session.is_live:
             self.journal.put(config.ksid, {
                 "config": dataclasses.asdict(config), "interface": interface, "qos": session.qos.to_json(),
                 "user": session.user or self._users.get(config.ksid),
                 "hops": self._hops.get(config.ksid, restoring.get("hops") if restoring else None)})
+            if not session.is_live:  # it ended meanwhile (_terminated may have run before the put)
+                self.journal.remove(config.ksid)
         if interface == "014" and next_hop is None and prev_hop is not None:
             # Before any key of the session can arrive: its keys must stay deliverable across a restart.
             self.slave_sessions.add(config.ksid, config.source_sae, config.destination_sae,
@@ -687,27 +701,49 @@ class KeyManagerAgent:
         Keys of sessions that nothing here can deliver any more are erased."""
         restored = 0
         for ksid, record in self.journal.items():
+            created = False
             try:
                 wire = WireConfig(**record["config"])
                 app, link = etsi_from_config(wire, self._qkdn[self.name])
+                route = record.get("route")
+                if route is not None and not (isinstance(route, list) and len(route) > 1
+                                              and all(n in self._qkdn for n in route)):
+                    # The network file changed: the session comes back, its route is not adopted
+                    # (its other hops end it by inactivity if it closes).
+                    log.warning("session %s: saved route %r is not a path of this network", ksid, route)
+                    route = None
                 self._restoring[ksid] = record
                 self.datastore.create(links=[link], apps=[app])
-                used = [info.index for info in self.store.list_session_keys(ksid)]
+                created = True
+                with self._lock:
+                    session = self.logic.session(ksid)
+                # The application's next automatic index: after the last key handed out on this side
+                # (keys made for the peer's requests are not this application's).
+                side = "source" if session.role.value == "source" else "destination"
+                used = [info.index for info in self.store.list_session_keys(ksid) if side in info.delivered]
+                self._call(self.logic.resume, ksid, self.clock(), next_index=max(used) + 1 if used else 0,
+                           user=record.get("user"))
                 if record.get("hops") is not None:
                     self._hops[ksid] = int(record["hops"])
                 if record.get("user"):
                     self._users[ksid] = record["user"]
-                if record.get("route") and isinstance(self.control, LocalControlPlane):
-                    self.control.adopt(ksid, record["route"], record.get("user"))
-                self._call(self.logic.resume, ksid, self.clock(), next_index=max(used) + 1 if used else 0,
-                           user=record.get("user"))
+                if route is not None and isinstance(self.control, LocalControlPlane):
+                    self.control.adopt(ksid, route, record.get("user"))
                 restored += 1
             except Exception as exc:  # noqa: BLE001 — a session that cannot come back is dropped, not fatal
                 log.warning("session %s not restored: %s", ksid, exc)
+                if created:  # undo: neither half a session in the logic nor in the ETSI 015 view
+                    try:
+                        self.datastore.delete_application(ksid)
+                        self.datastore.delete_link(virt_link_id(ksid))
+                    except Exception:  # noqa: BLE001
+                        log.exception("removing the half-restored session %s failed", ksid)
                 self.journal.remove(ksid)
             finally:
                 self._restoring.pop(ksid, None)
-        keep = {k for k, _ in self.journal.items()} | {k for k, _ in self.slave_sessions.items()}
+        with self._lock:
+            live = {s.ksid for s in self.logic.sessions()}
+        keep = {k for k, _ in self.journal.items()} | {k for k, _ in self.slave_sessions.items()} | live
         dropped = self.store.drop_sessions_except(keep)
         if restored or dropped:
             log.info("%s: %d session(s) restored, keys of %d ended session(s) erased", self.name, restored, dropped)
@@ -764,6 +800,7 @@ class KeyManagerAgent:
         self._emit_raw("session_terminated", a.ksid, reason=a.reason)
         self.journal.remove(a.ksid)
         self._configured_at.pop(a.ksid, None)
+        self._carried.discard(a.ksid)
         with self._lock:
             session = self.logic.session(a.ksid)
             # A session never configured here is gone from the logic already; its admission knew the source.
@@ -815,12 +852,14 @@ class KeyManagerAgent:
             self._producing.pop((a.ksid, a.index), None)
         now = self.clock()
         if outcome[0] == "ready":
+            self._carried.add(a.ksid)
             self._call(self.logic.key_ready, a.ksid, a.index, now)
         elif outcome[0] == "short":
             self._call(self.logic.key_material_short, a.ksid, a.index, outcome[1], now)
             self.workers.get(a.pool) and self.workers[a.pool].wake()
         else:
-            self._call(self.logic.key_failed, a.ksid, a.index, now, outcome[1], outcome[2])
+            self._call(self.logic.key_failed, a.ksid, a.index, now, outcome[1], outcome[2],
+                       index_used=len(outcome) > 4 and outcome[4])
             if len(outcome) > 3 and outcome[3]:
                 # 409: a key manager on the route does not carry the session (any more).
                 self._route_broken(a.ksid, outcome[2])
@@ -878,7 +917,7 @@ class KeyManagerAgent:
         except PeerError as exc:
             status = int(Status.INSUFFICIENT_KEY) if exc.status == 503 else int(Status.NO_QKD_CONNECTION)
             self._emit_raw("relay_failed", a.ksid, index=a.index, status=exc.status, message=exc.message)
-            return ("failed", status, exc.message, exc.status == 409)
+            return ("failed", status, exc.message, *relay_refusal(exc.status, exc.message))
         except (requests.RequestException, KeyError, relay.RelayError, ValueError) as exc:
             self._emit_raw("relay_failed", a.ksid, index=a.index, message=type(exc).__name__)
             return ("failed", int(Status.NO_QKD_CONNECTION), "relay failed")
@@ -947,7 +986,8 @@ class KeyManagerAgent:
         a key manager that is still being configured (a controller configures them in any order)."""
         with self._lock:
             session = self.logic.session(ksid)
-        if session is None or not session.is_live or not self.store.list_session_keys(ksid):
+        if session is None or not session.is_live or (ksid not in self._carried
+                                                      and not self.store.list_session_keys(ksid)):
             return
         self._emit_raw("route_broken", ksid, reason=reason)
         self._call(self.logic.deconfigure, ksid, self.clock())
@@ -1023,9 +1063,11 @@ class KeyManagerAgent:
         while True:
             try:
                 self.peers[a.prev_hop].post("/relay/v1/fetch", {"ksid": a.ksid, "index": a.index})
+                self._carried.add(a.ksid)
                 return
             except PeerError as exc:
-                if exc.status == 409 and self._settling(a.ksid) and not self._stopping.wait(wait):
+                if relay_refusal(exc.status, exc.message)[0] and self._settling(a.ksid) \
+                        and not self._stopping.wait(wait):
                     wait = min(2 * wait, 0.8)  # a hop towards the source is not configured yet
                     continue
                 failure: Exception = exc
@@ -1035,7 +1077,7 @@ class KeyManagerAgent:
         busy = isinstance(failure, PeerError) and failure.status == 503
         status = int(Status.INSUFFICIENT_KEY if busy else Status.NO_QKD_CONNECTION)
         self._call(self.logic.key_failed, a.ksid, a.index, self.clock(), status, f"fetch failed: {failure}")
-        if isinstance(failure, PeerError) and failure.status == 409:
+        if isinstance(failure, PeerError) and relay_refusal(failure.status, failure.message)[0]:
             self._route_broken(a.ksid, failure.message)
 
     def _answer_peer(self, a: AnswerPeer) -> None:

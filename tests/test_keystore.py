@@ -386,8 +386,11 @@ def test_session_key_delivered_at_most_once_per_side(tmp_path):
         assert (info.index, info.state, info.delivered) == (0, "delivered", ("source", "destination"))
         with sqlite3.connect(tmp_path / "ks.db") as raw:
             assert raw.execute("SELECT data FROM session_keys").fetchone()[0] is None  # wiped once delivered
-        # A retransmission after delivery does not resurrect it.
-        assert store.put_session_key("ks-1", 0, b"K" * 32) is False
+        # A key stored under that index after delivery is refused (the delivered bytes are gone, so
+        # even a copy cannot be told from another key): one index never names two keys.
+        for again in (b"K" * 32, b"X" * 32):
+            with pytest.raises(SessionKeyConflict):
+                store.put_session_key("ks-1", 0, again)
         with pytest.raises(AlreadyDelivered):
             store.get_session_key("ks-1", 0, "source")
         with pytest.raises(ValueError):

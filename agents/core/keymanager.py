@@ -869,12 +869,15 @@ class KeyManagerLogic:
         return acts
 
     def key_failed(self, ksid: str, index: int, now: float, status: Status | int = Status.NO_QKD_CONNECTION,
-                   reason: str = "key delivery failed") -> list[Action]:
+                   reason: str = "key delivery failed", *, index_used: bool = False) -> list[Action]:
+        """Key ``index`` could not be made or fetched. ``index_used``: the peer holds another key
+        under that index (a key it stored whose confirmation was lost, before a failure or a
+        restart here), so the index is not handed to a later call: one index, one key."""
         ksid = _canon(ksid)
         p = self._productions.get((ksid, index))
         if p is None:
             return []
-        return self._fail_production(p, Status(status), reason, now)
+        return self._fail_production(p, Status(status), reason, now, index_used=index_used)
 
     def key_material_short(self, ksid: str, index: int, needed_bits: int, now: float) -> list[Action]:
         """The source's pool lacks the ``needed_bits`` link-key bits that key ``index`` takes:
@@ -1074,10 +1077,12 @@ class KeyManagerLogic:
         return acts + self._answered(call, DeliverKey(call.call_id, call.ksid, call.indices), now)
 
     def _fail_call(self, call: _Call, status: Status, reason: str, now: float,
-                   retry_after: float | None = None) -> list[Action]:
+                   retry_after: float | None = None, *, give_back: bool = True) -> list[Action]:
+        """Answer ``call`` with a failure. An index the key manager chose goes to the next call,
+        unless the peer holds another key under it (``give_back`` False)."""
         slot = self._slots.get(call.ksid)
         acts = self._finish(call, now)
-        if slot is not None and call.auto_index and slot.next_index == call.indices[-1] + 1:
+        if slot is not None and call.auto_index and give_back and slot.next_index == call.indices[-1] + 1:
             slot.next_index = call.indices[0]  # the index was never handed out: give it to the next call
         acts.append(self._ev(now, "key_request_failed", call.ksid, call=call.kind, status=int(status), reason=reason))
         index = call.indices[0] if call.kind == "get_key" and call.indices else None
@@ -1186,7 +1191,8 @@ class KeyManagerLogic:
             acts += self._fail_production(p, Status.TIMEOUT, "timeout waiting for key material", now)
         return acts
 
-    def _fail_production(self, p: _Production, status: Status, reason: str, now: float) -> list[Action]:
+    def _fail_production(self, p: _Production, status: Status, reason: str, now: float, *,
+                         index_used: bool = False) -> list[Action]:
         self._productions.pop((p.ksid, p.index), None)
         self._unqueue(p)
         acts: list[Action] = []
@@ -1194,7 +1200,7 @@ class KeyManagerLogic:
         if slot is not None:
             for call in self._calls_of(slot):
                 if call.phase == "key" and p.index in call.indices and p.index not in call.present:
-                    acts += self._fail_call(call, status, reason, now)
+                    acts += self._fail_call(call, status, reason, now, give_back=not index_used)
         if p.for_peer:
             acts.append(AnswerPeer(p.ksid, p.index, status))
         return acts
