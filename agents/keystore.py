@@ -929,6 +929,12 @@ class KeyStore:
                 db.execute("DELETE FROM session_keys WHERE ksid=?", (ksid,))
         return len(ksids)
 
+    def drop_session_keys(self, ksid: str, indices: Iterable[int]) -> int:
+        """Delete keys ``indices`` of the session (their bytes with them); returns how many."""
+        with self._tx() as db:
+            return sum(db.execute("DELETE FROM session_keys WHERE ksid=? AND idx=?", (ksid, int(i))).rowcount
+                       for i in indices)
+
     def drop_session(self, ksid: str) -> int:
         """Delete every key of the session (its bytes with them); returns how many."""
         with self._tx() as db:

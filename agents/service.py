@@ -484,6 +484,8 @@ class KeyManagerAgent:
                 self._pool.submit(self.control.key_request, a.ksid)
             elif isinstance(a, Terminate):
                 self._terminated(a)
+            elif isinstance(a, PurgeKeys) and a.indices is not None:
+                self.store.drop_session_keys(a.ksid, a.indices)
             elif isinstance(a, PurgeKeys):
                 self.store.drop_session(a.ksid)
                 self.slave_sessions.remove(a.ksid)

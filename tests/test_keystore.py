@@ -603,6 +603,9 @@ def test_group_key_is_made_once_and_delivered_once_to_the_master(tmp_path):
         assert store.group_key(group, 1, make) != first
     with KeyStore(tmp_path / "ks.sqlite") as store:  # durable: the same bytes after a restart
         assert store.group_key(group, 1, make) == made[1] and len(made) == 2
+        # A failed call's keys are dropped by index; the others stay.
+        assert store.drop_session_keys(group, [1, 7]) == 1
+        assert [i.index for i in store.list_session_keys(group)] == [0]
 
 
 def test_get_session_keys_is_all_or_nothing(tmp_path):

@@ -109,6 +109,9 @@ def test_a_member_refused_by_admission_fails_the_call_once_and_drops_the_rest():
     refused = km.admission_rejected(members[C], Status.NO_QKD_CONNECTION, 0.2, "no QKD path")
     (reply,) = answers(refused, d.call_id)
     assert reply.status is Status.NO_QKD_CONNECTION and reply.message == "no QKD path"
+    # The group's copy of the call's keys, kept for the master, goes.
+    (purge,) = [a for a in refused if isinstance(a, PurgeKeys)]
+    assert purge.indices == (0,) and purge.ksid not in members.values()
     # B's key arrives later: nothing more is answered for the call.
     assert answers(km.key_ready(members[B], 0, 0.3), d.call_id) == []
     assert km.pending_calls() == []

@@ -41,7 +41,8 @@ Contract with the shell
   - ``SignalKeyRequest(ksid)``: tell admission control (it restarts its session timer).
   - ``Terminate(ksid, reason, notify_control)``: the session ended here; if
     ``notify_control``, tell admission control so it releases the route.
-  - ``PurgeKeys(ksid)``: erase the session's unused keys from the store.
+  - ``PurgeKeys(ksid, indices=None)``: erase the session's unused keys from the store (only
+    ``indices`` if given: a multicast group's keys of a call that failed).
   - ``EmitEvent(event)``: publish the event (no key material in it).
 * Link-key pools: when a pool gains material, call ``material_available(pool, bits, now)``;
   it hands the queued requests that fit, by priority, back as ``ProduceKey``.
@@ -227,6 +228,7 @@ class Terminate:
 @dataclass(frozen=True)
 class PurgeKeys:
     ksid: str
+    indices: tuple[int, ...] | None = None  # only these keys (None: every key of the session)
 
 
 @dataclass(frozen=True)
@@ -679,7 +681,8 @@ class KeyManagerLogic:
             return [self._ev(now, "key_returned", group.gid, call="enc_keys", indices=list(parent.indices),
                              multicast=True),
                     DeliverKey(parent.call_id, group.gid, parent.indices)]
-        acts: list[Action] = []
+        # The master gets none of these keys: the copy kept for it goes now.
+        acts: list[Action] = [PurgeKeys(group.gid, parent.indices)]
         for child in list(parent.children):
             other = self._calls.get(child)
             if other is not None:
