@@ -274,6 +274,12 @@ class AgentBusLink:
                     self._unsubscribe_state = None
                     raise
                 self.bus.on_reconnect(self._on_reconnect)
+        restored = getattr(self.agent, "restored_sessions", 0)
+        if restored:
+            # Sessions came back from the agent's journal: the controller may have ended some
+            # while it was down (or configured others); its answer makes this node hold exactly
+            # what it configured here.
+            self.resync(f"the agent restarted with {restored} restored session(s)")
         return self
 
     def stop(self) -> None:

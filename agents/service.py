@@ -279,6 +279,7 @@ class KeyManagerAgent:
         self.slave_sessions = SlaveSessions(self.state_dir / f"{node}.slave-sessions.json")
         self.journal = SessionJournal(self.state_dir / f"{node}.sessions.json")
         self._restoring: dict[str, dict[str, Any]] = {}  # KSID -> journal record, while start() restores it
+        self.restored_sessions = 0  # how many start() restored (the bus link re-announces them)
         self._orphans: dict[str, float] = {}  # ksid -> wall-clock time its keys are dropped
         self._admitting: dict[str, str] = {}  # ksid -> source SAE, from admission request to termination
         self.events: deque[dict] = deque(maxlen=EVENT_BUFFER)
@@ -743,6 +744,7 @@ class KeyManagerAgent:
                 self.journal.remove(ksid)
             finally:
                 self._restoring.pop(ksid, None)
+        self.restored_sessions = restored
         with self._lock:
             live = {s.ksid for s in self.logic.sessions()}
         keep = {k for k, _ in self.journal.items()} | {k for k, _ in self.slave_sessions.items()} | live

@@ -510,6 +510,29 @@ def test_notifications_and_events_are_published(local_env):
     assert [p for _, p in notes.messages[before:]] == [{"marker": True, MSG_ID: notes.messages[before][1][MSG_ID]}]
 
 
+def test_an_agent_restarted_with_restored_sessions_re_announces_them(embedded_env):
+    """The sessions an agent restores from its journal after a restart are re-announced
+    (resync), so the controller can end those it ended meanwhile and re-push what is missing."""
+    env = embedded_env
+    agent = env.start_agent("KM0", link_workers=False)
+    ctl = env.bus(f"{env.name}-controller")
+    replies = Recorder(ctl, env.topics.km_reply("KM0"))
+    events = Recorder(ctl, env.topics.events())
+    ksid = str(uuid.uuid4())
+    ctl.publish(env.topics.km_config("KM0"),
+                configure(env, "KM0", ksid, ["KM0", "KM1"], src_sae="SAE-KM0", dst_sae="SAE-KM1"))
+    wait_for(lambda: replies.messages, "the configure reply")
+    assert replies.messages[0][1]["ok"] is True and agent.bus_link.resyncs == 0
+    agent.stop()
+    agent.bus.close()
+    again = env.start_agent("KM0", link_workers=False)
+    assert again.restored_sessions == 1 and again.bus_link.resyncs == 1
+    assert again.logic.session(ksid) is not None
+    wait_for(lambda: events.payloads(lambda p: p.get("op") == "resync"), "the resync")
+    resync = events.payloads(lambda p: p.get("op") == "resync")[-1]
+    assert [s["ksid"] for s in resync["sessions"]] == [ksid]
+
+
 def test_resync_after_the_broker_lost_the_session(embedded_env):
     env = embedded_env
     agent = env.start_agent("KM0", link_workers=False)
