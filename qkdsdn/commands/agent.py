@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qkdsdn.commands.common import int_at_least
+
 HELP = "run one node's agent: the virtual key manager (ETSI 004/014) and SDN agent (ETSI 015)"
 
 DESCRIPTION = """\
@@ -50,21 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a controller runs: reach it over this control-plane bus (mqtt://HOST:PORT; "
                         "mqtts://HOST:PORT with the node's certificate from --pki; 'embedded' or 'local' "
                         "for a bus inside this process). Default: the local control plane")
-    p.add_argument("--max-sae-id-count", type=_count, default=16, metavar="N",
+    p.add_argument("--max-sae-id-count", type=int_at_least(0), default=16, metavar="N",
                    help="ETSI 014 multicast: at most N additional_slave_SAE_IDs per enc_keys "
                         "(max_SAE_ID_count; 0 turns multicast off; default 16)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=cmd_agent)
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

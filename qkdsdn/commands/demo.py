@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from qkdsdn.commands.common import int_at_least
+
 HELP = "reproduce the paper's proof of concept: parallel ETSI 004 key requests, event timeline (Fig. 4)"
 
 DESCRIPTION = """\
@@ -48,16 +50,6 @@ def _pair(text: str) -> tuple[str, str]:
     return src, dst
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pair", action="append", type=_pair, metavar="SRC:DST",
                    help="source and destination application (SAE IDs) of a key stream; repeatable "
                         "(default: the paper's pairs SAE-KM0:SAE-KM1, SAE-KM4:SAE-KM5, SAE-KM2:SAE-KM3)")
-    p.add_argument("--keys", type=_positive, default=1, metavar="N", help="keys per pair (default 1)")
+    p.add_argument("--keys", type=int_at_least(1), default=1, metavar="N", help="keys per pair (default 1)")
     p.add_argument("--key-bits", type=int, default=256, choices=(128, 256, 512, 1024), help="key size (default 256)")
     p.add_argument("--out", metavar="DIR", help="where events.json and timeline.png go (default: the run directory)")
     p.add_argument("--run-dir", metavar="DIR", help="run directory (default: ./run/demo-NETWORK_NAME)")
